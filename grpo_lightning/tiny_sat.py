@@ -55,6 +55,9 @@ class TinySatRecipe:
     cold_start_batch_size: int = 32
     cold_start_lr: float = 3e-3
     cold_start_seed_start: int = 1_000_000_000
+    cold_start_format: str = "answer"
+    """``answer``: the tags around n random bits. ``scratchpad``: first a working line
+    ``x1=b1 x2=b2 ... `` then the same bits in the tags. Either way the bits are random."""
     version: int = 1
 
     def digest(self) -> str:
@@ -72,7 +75,7 @@ QWEN2_SPLIT = (
 def _atomic_pieces() -> list[str]:
     """SAT strings that become one token each (added tokens, matched before pre-tokenizing)."""
     literals = [f"x{i}" for i in range(1, 21)] + [f"NOT x{i}" for i in range(1, 21)]
-    return [OPEN_TAG, CLOSE_TAG, " 0", " 1", " OR ", *literals]
+    return [OPEN_TAG, CLOSE_TAG, " 0", " 1", " OR ", "=0 ", "=1 ", *literals]
 
 
 def _template_texts() -> list[str]:
@@ -86,7 +89,7 @@ def _template_texts() -> list[str]:
 
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:], strict=False))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
@@ -141,6 +144,12 @@ def _hf_tokenizer(tok: Tokenizer):
     return hf
 
 
+def cold_start_completion(bits: list[int], fmt: str) -> str:
+    """The cold-start target for random ``bits``: format only, never a solution."""
+    scratch = "".join(f"x{i}={b} " for i, b in enumerate(bits, 1)) if fmt == "scratchpad" else ""
+    return scratch + format_answer(bits) + EOS_TOKEN
+
+
 def _cold_start(model, hf_tok, recipe: TinySatRecipe) -> None:
     """Supervised steps on the answer format: tags around n random bits, then EOS."""
     rng = random.Random(recipe.init_seed)
@@ -159,7 +168,7 @@ def _cold_start(model, hf_tok, recipe: TinySatRecipe) -> None:
             prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             bits = [rng.randint(0, 1) for _ in range(env.problem.num_vars)]
             p_ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = hf_tok(format_answer(bits) + EOS_TOKEN, add_special_tokens=False)["input_ids"]
+            c_ids = hf_tok(cold_start_completion(bits, recipe.cold_start_format), add_special_tokens=False)["input_ids"]
             seqs.append(p_ids + c_ids)
             masks.append([0] * len(p_ids) + [1] * len(c_ids))
         width = max(map(len, seqs))

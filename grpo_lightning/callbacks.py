@@ -1,0 +1,260 @@
+"""Callbacks of the GRPO loop: weight sync, evaluation, metrics files, HF checkpoints.
+
+The order inside one epoch (= iteration ``i``) does not depend on the order of the callbacks:
+rollouts are generated when the epoch's dataloader is built; the last micro-batch's
+``on_train_batch_end`` pushes the new weights to the server; ``on_train_epoch_end`` then
+evaluates (with the new weights), writes ``metrics/train_iter_{i}.json`` and the HF
+checkpoint; Lightning's ModelCheckpoint writes ``checkpoints/last.ckpt`` last.
+
+TensorBoard steps count policy updates: rollouts and losses of iteration ``i`` come from the
+policy after ``i`` iterations (step ``i``); the evaluation after iteration ``i`` is step
+``i + 1``; the baseline evaluation is step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from .data import RolloutDataModule
+from .inference.launch import sync_weights
+from .module import GRPOModule
+from .rollouts import Rollout
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """``lightning_logs/<name>/version_N`` (the logger's folder)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN; keep the key with null so files have a fixed shape.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def save_hf_atomic(module: GRPOModule, target: Path) -> Path:
+    """Save the policy as an HF folder under a temporary name, then swap it into ``target``."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_hf(tmp)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _log_scalars(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _samples_markdown(rollouts: list[Rollout], k: int) -> str:
+    rows = ["| problem | reward | success | completion |", "|---|---|---|---|"]
+    for r in rollouts[:k]:
+        text = r.text.replace("|", "\\|").replace("\n", "⏎")[:300]
+        rows.append(f"| {r.problem_seed} | {r.reward:.3f} | {r.success} | `{text}` |")
+    return "\n".join(rows)
+
+
+class WeightSyncCallback(pl.Callback):
+    """Pushes the policy to the inference server after each iteration, and after a resume."""
+
+    def __init__(self, verify: bool = True) -> None:
+        """
+        Args:
+            verify: check after every sync that the server serves the new weights (checksum on
+                the built-in server, a log-probability probe elsewhere) and fail otherwise.
+        """
+        self.verify = verify
+        self.last_report: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The server starts with the original weights; a resumed run must serve the restored ones
+        # before its first rollout.
+        if trainer.ckpt_path:
+            self.sync(trainer, pl_module, reason="resume")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == trainer.num_training_batches - 1:
+            self.sync(trainer, pl_module, reason="iteration")
+
+    def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        assert isinstance(pl_module, GRPOModule)
+        dm = trainer.datamodule
+        assert isinstance(dm, RolloutDataModule)
+        if trainer.is_global_zero:
+            t0 = time.perf_counter()
+            folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
+            save_s = time.perf_counter() - t0
+            assert dm.server is not None
+            report = sync_weights(dm.server, folder, probe=pl_module.probe_logprobs if self.verify else None)
+            self.last_report = {
+                "time/sync_s": save_s + report.seconds,
+                "time/sync_save_s": save_s,
+                "sync/method": report.method,
+                "sync/verified": report.verified,
+                "sync/reason": reason,
+            }
+            rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {save_s + report.seconds:.2f}s")
+        trainer.strategy.barrier("weight_sync")
+
+
+class EvaluationCallback(pl.Callback):
+    """Scores the fixed eval set before training and every ``data.eval.interval`` iterations."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        assert isinstance(dm, RolloutDataModule)
+        path = run_dir(trainer) / "metrics" / "eval_baseline.json"
+        if dm.eval_config.baseline and dm.eval_config.num_problems and not path.exists():
+            self.evaluate(trainer, "baseline", step=0)
+        trainer.strategy.barrier("eval_baseline")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        assert isinstance(dm, RolloutDataModule)
+        i = trainer.current_epoch
+        last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
+        if dm.eval_config.num_problems and ((i + 1) % dm.eval_config.interval == 0 or last):
+            self.evaluate(trainer, f"iter_{i:03d}", step=i + 1)
+        trainer.strategy.barrier("eval")
+
+    def evaluate(self, trainer: pl.Trainer, tag: str, step: int) -> dict[str, float] | None:
+        if not trainer.is_global_zero:
+            return None
+        dm = trainer.datamodule
+        metrics, rollouts = dm.evaluate()
+        write_json_atomic(run_dir(trainer) / "metrics" / f"eval_{tag}.json", {"step": step, **_clean(metrics)})
+        _log_scalars(trainer, {f"eval/{k}": v for k, v in metrics.items()}, step)
+        tb = _tensorboard(trainer)
+        if tb is not None:
+            tb.add_histogram("eval/rewards", torch.tensor([r.reward for r in rollouts]), step)
+            tb.add_text("eval/samples", _samples_markdown(rollouts, dm.eval_config.num_samples_logged), step)
+        rank_zero_info(
+            f"eval {tag}: success {metrics['success_rate']:.3f}, reward {metrics['reward_mean']:.3f} "
+            f"({int(metrics['num_completions'])} completions, {metrics['time/eval_s']:.1f}s)"
+        )
+        return metrics
+
+
+class MetricsFileCallback(pl.Callback):
+    """Writes ``metrics/train_iter_XXX.json`` and the iteration's TensorBoard scalars and samples."""
+
+    def __init__(self, num_samples_logged: int = 8) -> None:
+        """
+        Args:
+            num_samples_logged: training completions written to TensorBoard's text tab per iteration.
+        """
+        self.num_samples_logged = num_samples_logged
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, GRPOModule)
+        dm = trainer.datamodule
+        assert isinstance(dm, RolloutDataModule)
+        metrics = pl_module.iteration_summary()  # collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        i = trainer.current_epoch
+        sync = next((cb.last_report for cb in trainer.callbacks if isinstance(cb, WeightSyncCallback)), {})
+        stats = {k: v for k, v in dm.last_stats.items() if k != "problem_seeds"}
+        payload = {"iteration": i, **_clean(stats), **_clean(metrics), **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
+        write_json_atomic(run_dir(trainer) / "metrics" / f"train_iter_{i:03d}.json", payload)
+        _log_scalars(trainer, {**stats, **metrics, **{k: v for k, v in sync.items() if k.startswith("time/")}}, step=i)
+        tb = _tensorboard(trainer)
+        if tb is not None and dm.last_rollouts:
+            tb.add_histogram("train/rewards", torch.tensor([r.reward for r in dm.last_rollouts]), i)
+            tb.add_histogram("train/advantages", torch.tensor([r.advantage for r in dm.last_rollouts]), i)
+            tb.add_text("train/samples", _samples_markdown(dm.last_rollouts, self.num_samples_logged), i)
+        rank_zero_info(
+            f"iteration {i}: reward {stats.get('reward/reward_mean', math.nan):.3f}, success "
+            f"{stats.get('reward/success_rate', math.nan):.3f}, loss {metrics.get('train/loss', math.nan):.4f}, "
+            f"gen {stats.get('time/generate_s', 0):.1f}s train {metrics.get('time/train_s', 0):.1f}s "
+            f"sync {sync.get('time/sync_s', 0):.2f}s"
+        )
+
+
+class HFCheckpointCallback(pl.Callback):
+    """Hugging Face checkpoints ``checkpoints/iter_XXX/`` (servable by vLLM), keeping the last K."""
+
+    def __init__(self, save_interval: int = 1, keep_last: int = 3) -> None:
+        """
+        Args:
+            save_interval: save after every ``save_interval`` iterations (and after the last one).
+            keep_last: keep this many HF checkpoints, newest by iteration number (numeric order,
+                so iter_1000 sorts after iter_999); 0 keeps all.
+        """
+        if save_interval < 1:
+            raise ValueError(f"HFCheckpointCallback.save_interval must be >= 1, got {save_interval}")
+        if keep_last < 0:
+            raise ValueError(f"HFCheckpointCallback.keep_last must be >= 0, got {keep_last}")
+        self.save_interval = save_interval
+        self.keep_last = keep_last
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, GRPOModule)
+        i = trainer.current_epoch
+        last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
+        if trainer.is_global_zero and ((i + 1) % self.save_interval == 0 or last):
+            folder = run_dir(trainer) / "checkpoints"
+            save_hf_atomic(pl_module, folder / f"iter_{i:03d}")
+            self.prune(folder)
+        trainer.strategy.barrier("hf_checkpoint")
+
+    def prune(self, folder: Path) -> None:
+        if self.keep_last == 0:
+            return
+        found = sorted(iteration_dirs(folder), key=lambda p: int(p.name.split("_")[1]))
+        for old in found[: -self.keep_last]:
+            shutil.rmtree(old)
+
+
+def iteration_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("iter_*") if p.is_dir() and p.name.split("_")[1].isdigit()]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written under a temporary name and renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, target)

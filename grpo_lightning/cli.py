@@ -1,0 +1,168 @@
+"""The command line: LightningCLI ``fit``/``validate`` plus ``serve`` and ``sweep``.
+
+    python -m grpo_lightning fit --config configs/sat_tiny.yaml [--model.lr 1e-5 ...]
+    python -m grpo_lightning fit --config configs/sat_tiny.yaml --ckpt_path last   # resume
+    python -m grpo_lightning validate --config configs/sat_tiny.yaml --ckpt_path last
+    python -m grpo_lightning serve --model tiny-sat --port 8000
+    python -m grpo_lightning sweep --config configs/sat_tiny.yaml --grid model.lr=1e-3,3e-3
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import (
+    AtomicCheckpointIO,
+    EvaluationCallback,
+    HFCheckpointCallback,
+    MetricsFileCallback,
+    WeightSyncCallback,
+    run_dir,
+    save_hf_atomic,
+    write_json_atomic,
+)
+from .data import RolloutDataModule
+from .module import GRPOModule
+
+EXTRA_SUBCOMMANDS = {
+    "serve": ("grpo_lightning.inference.server", "Run the built-in OpenAI-compatible inference server."),
+    "sweep": ("grpo_lightning.sweep", "Run a grid or random hyperparameter sweep of fit runs."),
+}
+
+DESCRIPTION = """grpo-lightning: offline GRPO training on verifiable tasks.
+
+subcommands: fit (train), validate (evaluate a policy on the eval set),
+serve (built-in inference server), sweep (hyperparameter sweeps).
+Run `python -m grpo_lightning SUBCOMMAND --help` for each one's options."""
+
+
+class GRPOTrainer(Trainer):
+    """Lightning's Trainer with ``precision="auto"`` (bf16-mixed on CUDA with bf16, else
+    32-true) and checkpoints written atomically (temporary name, then rename)."""
+
+    def __init__(self, *args: Any, precision: Any = "auto", plugins: Any = None, **kwargs: Any) -> None:
+        if precision == "auto":
+            precision = auto_precision(kwargs.get("accelerator", "auto"))
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        super().__init__(*args, precision=precision, plugins=plugins, **kwargs)
+
+
+def auto_precision(accelerator: Any) -> str:
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"  # fp32 master weights, bf16 autocast
+    return "32-true"
+
+
+class GRPOCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(HFCheckpointCallback, "checkpoint")
+        parser.add_lightning_class_args(WeightSyncCallback, "weight_sync")
+        # One source of truth for values both halves need.
+        for key in ("model_name_or_path", "trust_remote_code", "num_iterations", "steps_per_iteration",
+                    "micro_batch_size", "max_tokens_per_micro_batch"):
+            parser.link_arguments(f"model.{key}", f"data.{key}")
+        parser.link_arguments("data.temperature", "model.temperature")
+        parser.link_arguments("data.max_tokens", "model.max_completion_length")
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand in ("fit", "validate"):
+            resolve_last_checkpoint(self.config[self.subcommand])
+
+    def validate(self, model: GRPOModule, datamodule: RolloutDataModule, ckpt_path: str | None = None, **_: Any) -> None:
+        """Evaluate a policy (the config's model, or ``--ckpt_path``) on the eval set."""
+        trainer = self.trainer
+        model.configure_model()
+        if ckpt_path:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict(state)
+        datamodule.trainer = trainer
+        datamodule.setup("validate")
+        try:
+            if ckpt_path:
+                from .inference.launch import sync_weights
+
+                folder = save_hf_atomic(model, run_dir(trainer) / "sync_weights")
+                assert datamodule.server is not None
+                sync_weights(datamodule.server, folder, probe=model.probe_logprobs)
+            metrics, _ = datamodule.evaluate()
+            write_json_atomic(run_dir(trainer) / "metrics" / "eval_validate.json", {"ckpt_path": ckpt_path, **metrics})
+            width = max(map(len, metrics))
+            print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
+        finally:
+            datamodule.teardown("validate")
+
+
+def resolve_last_checkpoint(config: Namespace) -> None:
+    """``--ckpt_path last`` resumes the newest run of the logger's name, in that run's folder."""
+    if config.get("ckpt_path") != "last":
+        return
+    logger = config.trainer.logger
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if not isinstance(logger, Namespace) or "init_args" not in logger:
+        raise ValueError("--ckpt_path last needs a TensorBoardLogger in trainer.logger to find the run folder")
+    args = logger.init_args
+    base = Path(args.save_dir) / (args.name or "")
+    runs = [p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()]
+    if not runs:
+        raise ValueError(f"--ckpt_path last: no checkpoints/last.ckpt under {base}/version_*; nothing to resume")
+    newest = max(runs, key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
+    args.version = int(newest.name.split("_")[1])
+    config.ckpt_path = str(newest / "checkpoints" / "last.ckpt")
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """What every run needs; the config adds to the callbacks, never replaces these."""
+    return {
+        "reload_dataloaders_every_n_epochs": 1,  # fresh rollouts every epoch
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # ranks get their micro-batches from build_schedule
+        "log_every_n_steps": 1,
+        "enable_model_summary": False,
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "lightning_logs", "name": "default"},
+        },
+        "callbacks": [
+            EvaluationCallback(),
+            MetricsFileCallback(),
+            ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1),
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_SUBCOMMANDS:
+        module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]][0])
+        return int(module.main(args[1:]) or 0)
+    GRPOCLI(
+        GRPOModule,
+        RolloutDataModule,
+        trainer_class=GRPOTrainer,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION, "default_env": False},
+        args=None if argv is None else args,
+    )
+    return 0

@@ -1,0 +1,426 @@
+"""One rollout client for three servers: the built-in one, vLLM and SGLang.
+
+Every completion comes back with the exact prompt and completion token ids the server used
+(never re-tokenized text, so EOS and token boundaries survive), the behaviour logprobs of
+the distribution it sampled from, the finish reason and the decoded text.
+
+* ``builtin`` and ``vllm``: OpenAI ``POST /v1/completions`` with a token-id prompt, ``n``,
+  ``seed``, ``return_token_ids`` and ``logprobs: 0``. Both sample choice ``i`` with
+  ``seed + i``. For vLLM, launch with ``--logprobs-mode processed_logprobs`` so that
+  logprobs are those after temperature/top-k/top-p (``launch.server_argv`` does).
+* ``sglang``: native ``POST /generate`` with a batch of ``n`` copies of ``input_ids``, each
+  with its own ``sampling_params.sampling_seed = seed + i`` (SGLang's seeded sampler hashes
+  seed and position, so one seed with ``n > 1`` would give ``n`` identical samples; it also
+  only honours seeds when launched with ``--enable-deterministic-inference``). Reads
+  ``output_ids`` and ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]``
+  triples); SGLang's logprobs are taken after temperature but before top-k/top-p.
+
+Requests are spread round-robin over the URLs; a failed attempt (connection error, timeout,
+HTTP 5xx/408/429) is retried on the next URL after an exponential backoff. Once retries are
+spent, ``GenerationError`` names the URLs and the last cause: a failed request never turns
+into an empty completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+BACKENDS = ("builtin", "vllm", "sglang")
+RETRY_STATUS = {408, 429}
+
+
+class ServerUnavailable(RuntimeError):
+    """A server cannot be reached or is not healthy."""
+
+
+class GenerationError(RuntimeError):
+    """A generation request failed for good (bad request, bad answer, or retries spent)."""
+
+
+@dataclass
+class SamplingParams:
+    """How to sample; the same meaning on every backend."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 keeps every token."""
+    stop_token_ids: list[int] | None = None
+    """Extra tokens that end a completion (EOS always does); included in ``token_ids``."""
+    min_tokens: int = 0
+    """Forbid EOS/stop tokens before this many tokens (benchmarks); leave 0 for training."""
+
+
+@dataclass
+class GenerationRequest:
+    """``n`` completions of one prompt; completion ``i`` is sampled with ``seed + i``."""
+
+    prompt_ids: list[int]
+    n: int
+    seed: int
+    params: SamplingParams
+
+
+@dataclass
+class Completion:
+    """One sampled completion, exactly as the server produced it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated tokens, the stop token (EOS) included when one ended the completion."""
+    logprobs: list[float]
+    """Behaviour logprob of each generated token."""
+    finish_reason: str
+    """``stop`` (EOS or a stop token) or ``length`` (``max_tokens`` reached)."""
+    text: str
+    """Decoded completion with special tokens removed."""
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may not."""
+
+
+class RolloutClient:
+    """Async client with bounded concurrency, timeouts, retries and several URLs.
+
+    Args:
+        urls: server base URLs (``http://host:port``); requests are spread over them.
+        backend: ``builtin``, ``vllm`` or ``sglang``.
+        model: model name for OpenAI-style backends; ``None`` asks ``/v1/models``.
+        api_key: sent as ``Authorization: Bearer KEY``.
+        max_concurrency: HTTP requests in flight at once, over all URLs.
+        request_timeout: seconds allowed for one HTTP attempt.
+        max_retries: extra attempts after the first failed one.
+        backoff: seconds before the first retry; doubles each time up to ``max_backoff``.
+        tokenizer: decodes ``token_ids`` when a server returns no text.
+        transport: an ``httpx`` transport to use instead of the network (tests, proxies).
+        max_backoff: the longest pause between two attempts.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        backend: str = "builtin",
+        model: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 64,
+        request_timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        tokenizer=None,
+        transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.backend = backend
+        self.model = model
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.tokenizer = tokenizer
+        self.transport = transport
+        self._models: dict[str, str] = {}
+        self._next_url = itertools.count()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    # ------------------------------------------------------------------ public API
+    async def agenerate(
+        self, requests: list[GenerationRequest], on_done: Callable[[int], None] | None = None
+    ) -> list[list[Completion]]:
+        """The ``n`` completions of each request, in request order.
+
+        ``on_done(i)`` is called as soon as request ``i`` has all its completions.
+        """
+        sem = asyncio.Semaphore(self.max_concurrency)
+        limits = httpx.Limits(
+            max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+        )
+        async with httpx.AsyncClient(
+            timeout=self.request_timeout,
+            limits=limits,
+            headers=self.headers,
+            transport=self.transport,
+        ) as http:
+            tasks = [
+                asyncio.ensure_future(self._request(http, sem, i, r, on_done))
+                for i, r in enumerate(requests)
+            ]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def generate(
+        self, requests: list[GenerationRequest], on_done: Callable[[int], None] | None = None
+    ) -> list[list[Completion]]:
+        """Blocking ``agenerate``; inside a running event loop it runs on a helper thread."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            running = False
+        else:
+            running = True
+        if not running:
+            return asyncio.run(self.agenerate(requests, on_done))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self.agenerate(requests, on_done)).result()
+
+    def health(self) -> None:
+        """Raise ``ServerUnavailable`` (one line, naming the URL) unless every server is healthy."""
+        timeout = min(self.request_timeout, 10.0)
+        with httpx.Client(
+            timeout=timeout, headers=self.headers, transport=self._sync_transport()
+        ) as http:
+            for url in self.urls:
+                try:
+                    r = http.get(f"{url}/health")
+                except httpx.HTTPError as exc:
+                    raise ServerUnavailable(
+                        f"{self.backend} server at {url} is unreachable: {_one_line(exc)}"
+                    ) from None
+                if r.status_code != 200:
+                    raise ServerUnavailable(
+                        f"{self.backend} server at {url} is unhealthy: HTTP {r.status_code} {_one_line(r.text)}"
+                    )
+
+    # ------------------------------------------------------------------ one request with retries
+    async def _request(
+        self, http, sem, index: int, req: GenerationRequest, on_done
+    ) -> list[Completion]:
+        if req.n < 1 or req.params.max_tokens < 1:
+            raise GenerationError(f"request {index}: n and max_tokens must be >= 1")
+        first = next(self._next_url)
+        last: Exception | None = None
+        tried: list[str] = []
+        for attempt in range(self.max_retries + 1):
+            url = self.urls[(first + attempt) % len(self.urls)]
+            tried.append(url)
+            try:
+                async with sem:
+                    completions = await self._call(http, url, req)
+            except _Retryable as exc:
+                last = exc
+                if attempt < self.max_retries:
+                    await asyncio.sleep(min(self.backoff * 2**attempt, self.max_backoff))
+                continue
+            if on_done is not None:
+                on_done(index)
+            return completions
+        raise GenerationError(
+            f"request {index} failed after {self.max_retries + 1} attempts "
+            f"({', '.join(sorted(set(tried)))}): {last}"
+        ) from last
+
+    async def _post(self, http, url: str, path: str, payload: dict):
+        try:
+            r = await http.post(f"{url}{path}", json=payload)
+        except httpx.TimeoutException:
+            raise _Retryable(f"{url}{path}: no answer within {self.request_timeout:g}s") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"{url}{path}: {_one_line(exc)}") from None
+        if r.status_code >= 500 or r.status_code in RETRY_STATUS:
+            raise _Retryable(f"{url}{path}: HTTP {r.status_code} {_one_line(r.text)}")
+        if r.status_code != 200:
+            raise GenerationError(
+                f"{url}{path} rejected the request: HTTP {r.status_code} {_one_line(r.text)}"
+            )
+        try:
+            return r.json()
+        except ValueError:
+            raise GenerationError(
+                f"{url}{path} answered with invalid JSON: {_one_line(r.text)}"
+            ) from None
+
+    async def _call(self, http, url: str, req: GenerationRequest) -> list[Completion]:
+        if self.backend == "sglang":
+            body = await self._post(http, url, "/generate", sglang_payload(req))
+            return parse_sglang(body, req, self.tokenizer)
+        model = self.model or await self._served_model(http, url)
+        body = await self._post(http, url, "/v1/completions", openai_payload(req, model))
+        return parse_openai(body, req, self.tokenizer)
+
+    async def _served_model(self, http, url: str) -> str:
+        if url not in self._models:
+            try:
+                r = await http.get(f"{url}/v1/models")
+            except httpx.HTTPError as exc:
+                raise _Retryable(f"{url}/v1/models: {_one_line(exc)}") from None
+            if r.status_code >= 500:
+                raise _Retryable(f"{url}/v1/models: HTTP {r.status_code}")
+            try:
+                self._models[url] = r.json()["data"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise GenerationError(
+                    f"{url}/v1/models: cannot read the served model name (HTTP {r.status_code})"
+                ) from None
+        return self._models[url]
+
+    def _sync_transport(self):
+        return self.transport if isinstance(self.transport, httpx.BaseTransport) else None
+
+
+# ---------------------------------------------------------------------- wire formats
+def openai_payload(req: GenerationRequest, model: str | None) -> dict:
+    """The ``/v1/completions`` body for the built-in server and vLLM."""
+    p = req.params
+    body = {
+        "prompt": list(req.prompt_ids),
+        "n": req.n,
+        "seed": req.seed,
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k if p.top_k > 0 else -1,
+        "logprobs": 0,
+        "return_token_ids": True,
+        "skip_special_tokens": True,
+    }
+    if model is not None:
+        body["model"] = model
+    if p.stop_token_ids:
+        body["stop_token_ids"] = list(p.stop_token_ids)
+    if p.min_tokens:
+        body["min_tokens"] = p.min_tokens
+    return body
+
+
+def sglang_payload(req: GenerationRequest) -> dict:
+    """The native ``/generate`` body: ``n`` copies of the prompt, seeds ``seed + i``."""
+    p = req.params
+    params = []
+    for i in range(req.n):
+        sp = {
+            "max_new_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k if p.top_k > 0 else -1,
+            "skip_special_tokens": True,
+            "sampling_seed": req.seed + i,
+        }
+        if p.stop_token_ids:
+            sp["stop_token_ids"] = list(p.stop_token_ids)
+        if p.min_tokens:
+            sp["min_new_tokens"] = p.min_tokens
+        params.append(sp)
+    return {
+        "input_ids": [list(req.prompt_ids) for _ in range(req.n)],
+        "sampling_params": params,
+        "return_logprob": True,
+    }
+
+
+def parse_openai(body: dict, req: GenerationRequest, tokenizer=None) -> list[Completion]:
+    """Completions from an OpenAI-style answer with ``return_token_ids`` and ``logprobs``."""
+    try:
+        choices = sorted(body["choices"], key=lambda c: c["index"])
+        out = []
+        for c in choices:
+            if c.get("finish_reason") == "abort":  # vLLM aborted it (e.g. shutting down)
+                raise _Retryable("the server aborted the request")
+            prompt = c.get("prompt_token_ids") or body.get("prompt_token_ids")
+            lp = c.get("logprobs") or {}
+            out.append(
+                _completion(
+                    req,
+                    prompt,
+                    c["token_ids"],
+                    lp.get("token_logprobs"),
+                    c.get("finish_reason"),
+                    c.get("text"),
+                    tokenizer,
+                )
+            )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise GenerationError(
+            f"unexpected completions answer (missing {exc}); did the server get return_token_ids?"
+        ) from None
+    if len(out) != req.n:
+        raise GenerationError(f"asked for {req.n} completions, the server returned {len(out)}")
+    return out
+
+
+def parse_sglang(body, req: GenerationRequest, tokenizer=None) -> list[Completion]:
+    """Completions from SGLang's ``/generate`` answer to a batch request."""
+    items = body if isinstance(body, list) else [body]
+    if len(items) != req.n:
+        raise GenerationError(f"asked for {req.n} completions, SGLang returned {len(items)}")
+    out = []
+    for item in items:
+        try:
+            meta = item["meta_info"]
+            triples = meta["output_token_logprobs"]
+            ids = item.get("output_ids")
+            if ids is None:
+                ids = [t[1] for t in triples]
+            reason = meta["finish_reason"]
+            reason = reason.get("type") if isinstance(reason, dict) else reason
+        except (KeyError, TypeError, IndexError) as exc:
+            raise GenerationError(
+                f"unexpected SGLang answer (missing {exc}); was return_logprob sent?"
+            ) from None
+        if reason == "abort":
+            raise _Retryable(
+                f"SGLang aborted the request: {_one_line(str(meta.get('finish_reason')))}"
+            )
+        if [t[1] for t in triples] != list(ids):
+            raise GenerationError("SGLang output_ids and output_token_logprobs disagree")
+        out.append(
+            _completion(
+                req, None, ids, [t[0] for t in triples], reason, item.get("text"), tokenizer
+            )
+        )
+    return out
+
+
+def _completion(req, prompt, ids, logprobs, reason, text, tokenizer) -> Completion:
+    if prompt is not None and list(prompt) != list(req.prompt_ids):
+        raise GenerationError("the server generated from different prompt tokens than were sent")
+    if (
+        logprobs is None
+        or len(logprobs) != len(ids)
+        or any(not isinstance(x, (int, float)) for x in logprobs)
+    ):
+        raise GenerationError("the server returned no logprob for some generated token")
+    if len(ids) > req.params.max_tokens:
+        raise GenerationError(
+            f"the server returned {len(ids)} tokens for max_tokens={req.params.max_tokens}"
+        )
+    if text is None:
+        if tokenizer is None:
+            raise GenerationError(
+                "the server returned no text; pass tokenizer= to decode token ids"
+            )
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return Completion(
+        prompt_ids=list(req.prompt_ids),
+        token_ids=[int(t) for t in ids],
+        logprobs=[float(x) for x in logprobs],
+        finish_reason=str(reason),
+        text=text,
+    )
+
+
+def _one_line(x: object, limit: int = 300) -> str:
+    text = " ".join(str(x).split()) or type(x).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

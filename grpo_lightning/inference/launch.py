@@ -1,0 +1,422 @@
+"""Managed inference servers: launch, wait for health, log to a file, always stop; or attach.
+
+    with ManagedServer(ServerConfig(backend="builtin"), model="tiny-sat", log_path=run_dir / "server.log") as server:
+        client = server.client()
+
+A managed server runs as a subprocess in its own process group, so that stopping it (SIGTERM,
+then SIGKILL after ``stop_timeout``) also reaches the workers vLLM and SGLang spawn. Servers
+are stopped on normal exit, on exceptions (context manager), on Ctrl-C, at interpreter exit
+and on SIGTERM/SIGHUP to the trainer; the built-in server also exits by itself when its
+parent process disappears (``--parent-pid``), which covers a trainer killed with SIGKILL.
+
+With ``ServerConfig.urls`` set, nothing is launched: the servers at those URLs are used as
+they are and never stopped by us.
+
+``server_argv`` is the one place that spells out the vLLM / SGLang / built-in command lines.
+Weight sync (``sync_weights``, defined in ``weight_sync.py``) is re-exported here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from .client import GenerationRequest, RolloutClient, SamplingParams, ServerUnavailable
+from .weight_sync import SyncReport, WeightSyncError, sync_weights
+
+__all__ = [
+    "ManagedServer",
+    "ServerConfig",
+    "ServerUnavailable",
+    "SyncReport",
+    "WeightSyncError",
+    "free_port",
+    "server_argv",
+    "server_env",
+    "sync_weights",
+]
+
+
+@dataclass
+class ServerConfig:
+    """How to run (or reach) the inference servers.
+
+    Args:
+        backend: Server implementation: ``builtin`` (transformers, CPU or GPU), ``vllm`` or ``sglang``.
+        urls: Base URLs of servers that are already running; when set nothing is launched
+            and the servers are never stopped by us.
+        host: Address a launched server binds; keep 127.0.0.1 unless other machines must reach it.
+        port: Port of a launched server; None picks a free one.
+        device: ``auto``, ``cpu`` or ``cuda`` (built-in server only; vLLM/SGLang need a GPU).
+        gpu: GPU index the server is pinned to through CUDA_VISIBLE_DEVICES; None leaves it unset.
+        dtype: Weights dtype: ``auto``, ``float32``, ``bfloat16`` (passed to vLLM/SGLang as given).
+        gpu_memory_utilization: Fraction of GPU memory vLLM (``--gpu-memory-utilization``) or
+            SGLang (``--mem-fraction-static``) may take.
+        max_model_len: Prompt + completion token limit; None uses the model's.
+        max_num_seqs: Sequences decoded together (vLLM ``--max-num-seqs``, SGLang
+            ``--max-running-requests``, built-in ``--max-batch-size``).
+        served_model_name: Name clients send as ``model``; None uses the model path first launched.
+        api_key: Bearer token the server requires and the client sends; None disables auth.
+        startup_timeout: Seconds to wait for a launched server to become healthy.
+        request_timeout: Seconds allowed for one generation HTTP request.
+        max_retries: Retries of a failed generation request (connection error, timeout, 5xx).
+        backoff: Seconds before the first retry; doubles at each retry.
+        max_concurrency: Generation requests in flight at once, over all servers.
+        sync: How new weights reach the server: ``auto`` (disk for built-in/SGLang, dev-mode
+            reload for vLLM with restart as fallback), ``disk`` (``/update_weights_from_disk``),
+            ``reload`` (vLLM ``/collective_rpc``), or ``restart``.
+        verify_tolerance: Largest allowed difference between server and trainer logprobs
+            when a weight sync is verified with a probe.
+        deterministic: SGLang only: add ``--enable-deterministic-inference``, without which
+            SGLang ignores per-request sampling seeds.
+        stop_timeout: Seconds a server gets to exit after SIGTERM before it is killed.
+        extra_args: Additional command-line arguments appended to the server's command.
+        env: Additional environment variables for the server process.
+    """
+
+    backend: Literal["builtin", "vllm", "sglang"] = "builtin"
+    urls: list[str] | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    served_model_name: str | None = None
+    api_key: str | None = None
+    startup_timeout: float = 180.0
+    request_timeout: float = 120.0
+    max_retries: int = 5
+    backoff: float = 0.5
+    max_concurrency: int = 64
+    sync: Literal["auto", "disk", "restart", "reload"] = "auto"
+    verify_tolerance: float = 0.05
+    deterministic: bool = False
+    stop_timeout: float = 15.0
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+HEALTH_PATHS = {"builtin": "/health", "vllm": "/v1/models", "sglang": "/v1/models"}
+
+
+def server_argv(
+    config: ServerConfig, model: str, port: int, served_model_name: str | None = None
+) -> list[str]:
+    """The command that launches ``config.backend`` on ``model`` (API keys go through ``server_env``)."""
+    name = served_model_name or config.served_model_name or model
+    common = ["--host", config.host, "--port", str(port), "--served-model-name", name]
+    if config.backend == "builtin":
+        argv = [sys.executable, "-m", "grpo_lightning.inference.server", "--model", model, *common]
+        argv += [
+            "--device",
+            config.device,
+            "--dtype",
+            config.dtype,
+            "--max-batch-size",
+            str(config.max_num_seqs),
+        ]
+        argv += ["--parent-pid", str(os.getpid())]
+        if config.max_model_len:
+            argv += ["--max-model-len", str(config.max_model_len)]
+    elif config.backend == "vllm":
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            *common,
+        ]
+        argv += [
+            "--dtype",
+            config.dtype,
+            "--gpu-memory-utilization",
+            str(config.gpu_memory_utilization),
+        ]
+        argv += ["--max-num-seqs", str(config.max_num_seqs)]
+        # Logprobs after temperature/top-k/top-p: the behaviour policy the trainer divides by.
+        argv += ["--logprobs-mode", "processed_logprobs"]
+        if config.max_model_len:
+            argv += ["--max-model-len", str(config.max_model_len)]
+    elif config.backend == "sglang":
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *common]
+        argv += [
+            "--dtype",
+            config.dtype,
+            "--mem-fraction-static",
+            str(config.gpu_memory_utilization),
+        ]
+        argv += ["--max-running-requests", str(config.max_num_seqs)]
+        if config.max_model_len:
+            argv += ["--context-length", str(config.max_model_len)]
+        if config.api_key:
+            argv += ["--api-key", config.api_key]
+        if config.deterministic:
+            argv += ["--enable-deterministic-inference"]
+    else:
+        raise ValueError(f"unknown backend {config.backend!r}")
+    return argv + list(config.extra_args)
+
+
+def server_env(config: ServerConfig) -> dict[str, str]:
+    """Environment additions for the server process."""
+    env: dict[str, str] = {}
+    if config.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(config.gpu)
+    if config.backend == "builtin" and config.api_key:
+        env["GRPO_LIGHTNING_API_KEY"] = config.api_key  # kept off the command line (ps)
+    if config.backend == "vllm":
+        if config.api_key:
+            env["VLLM_API_KEY"] = config.api_key
+        if config.sync in ("auto", "reload"):
+            # Enables /collective_rpc and /reset_prefix_cache for in-place weight reloads.
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+    env.update(config.env)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+class ManagedServer:
+    """A server process we own (or servers we attach to), usable as a context manager."""
+
+    def __init__(
+        self, config: ServerConfig, model: str | None = None, log_path: str | Path | None = None
+    ) -> None:
+        self.config = config
+        self.model = model
+        if not config.urls and model is None:
+            raise ValueError(
+                "ManagedServer needs a model to launch (or ServerConfig.urls to attach)"
+            )
+        self.port = config.port
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else Path(tempfile.gettempdir()) / f"grpo-lightning-{config.backend}-{os.getpid()}.log"
+        )
+        # Fixed at first launch so that a restart on a new checkpoint keeps the client's model
+        # name; unknown for attached servers unless configured (clients then ask /v1/models).
+        self.served_model_name = config.served_model_name or (None if config.urls else model)
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def managed(self) -> bool:
+        """True when we launched the server (and so stop and restart it)."""
+        return not self.config.urls
+
+    @property
+    def urls(self) -> list[str]:
+        if not self.managed:
+            return [u.rstrip("/") for u in self.config.urls or []]
+        return [f"http://{_client_host(self.config.host)}:{self.port}"]
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the launched server (its process group id too)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def client(self, tokenizer=None, **overrides) -> RolloutClient:
+        """A ``RolloutClient`` for these servers, with this config's timeouts and retries."""
+        kwargs = dict(
+            backend=self.config.backend,
+            model=self.served_model_name,
+            api_key=self.config.api_key,
+            max_concurrency=self.config.max_concurrency,
+            request_timeout=self.config.request_timeout,
+            max_retries=self.config.max_retries,
+            backoff=self.config.backoff,
+            tokenizer=tokenizer,
+        )
+        kwargs.update(overrides)
+        return RolloutClient(self.urls, **kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> ManagedServer:
+        """Launch (when managed) and return once every server answers; raise ServerUnavailable otherwise."""
+        if self.managed and (self._proc is None or self._proc.poll() is not None):
+            self._launch()
+        try:
+            self._wait_healthy()
+            self._warm_up()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop a launched server and everything in its process group; no-op when attached."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.config.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                # Workers that outlived the leader (vLLM/SGLang engine processes) go too.
+                _signal_group(proc.pid, signal.SIGKILL)
+            finally:
+                _LIVE.discard(self)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, model: str | None = None) -> float:
+        """Stop and start again, optionally on a new checkpoint; returns the seconds it took."""
+        if not self.managed:
+            raise RuntimeError(f"cannot restart servers we attached to ({', '.join(self.urls)})")
+        start = time.perf_counter()
+        self.stop()
+        if model is not None:
+            self.model = str(model)
+        self.start()
+        return time.perf_counter() - start
+
+    def __enter__(self) -> ManagedServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ internals
+    def _launch(self) -> None:
+        assert self.model is not None
+        if self.port is None:
+            self.port = free_port(self.config.host)
+        argv = server_argv(self.config, self.model, self.port, self.served_model_name)
+        env = {**os.environ, **server_env(self.config)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        shown = " ".join("***" if a == self.config.api_key else a for a in argv)
+        self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())
+        self._log.flush()
+        _install_cleanup_hooks()
+        self._proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        _LIVE.add(self)
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        path = HEALTH_PATHS[self.config.backend]
+        with httpx.Client(timeout=5.0, headers=headers) as http:
+            for url in self.urls:
+                delay = 0.1
+                while True:
+                    if self._proc is not None and self._proc.poll() is not None:
+                        raise ServerUnavailable(
+                            f"{self.config.backend} server at {url} exited with code {self._proc.returncode} "
+                            f"during startup; {self._log_tail()}"
+                        )
+                    try:
+                        if http.get(f"{url}{path}").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise ServerUnavailable(
+                            f"{self.config.backend} server at {url} not healthy after "
+                            f"{self.config.startup_timeout:g}s; {self._log_tail()}"
+                        )
+                    time.sleep(delay)
+                    delay = min(delay * 1.5, 0.5)
+
+    def _warm_up(self) -> None:
+        # One 1-token generation: the first request pays for lazy initialisation, and a
+        # server that answers health checks but cannot generate is caught here.
+        request = GenerationRequest(
+            prompt_ids=[0], n=1, seed=0, params=SamplingParams(max_tokens=1)
+        )
+        try:
+            self.client(max_retries=2, backoff=0.2).generate([request])
+        except Exception as exc:  # reported as one line with the log's tail
+            raise ServerUnavailable(
+                f"{self.config.backend} server at {self.urls[0]} cannot generate: {exc}; {self._log_tail()}"
+            ) from None
+
+    def _log_tail(self, lines: int = 5) -> str:
+        if not self.managed:
+            return "attached server, no log"
+        try:
+            text = self.log_path.read_bytes()[-8192:].decode(errors="replace")
+        except OSError:
+            return f"log {self.log_path} unreadable"
+        tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+        return f"log {self.log_path}: " + " | ".join(tail)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+# ---------------------------------------------------------------------- no orphans
+_LIVE: set[ManagedServer] = set()
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        # Best effort while exiting: one failure must not leave the other servers running.
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def _on_signal(previous, signum, frame) -> None:
+    _stop_all()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        # Die the way the signal intended, now that no server is left behind.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_cleanup_hooks() -> None:
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        atexit.register(_stop_all)
+        # Signal handlers can only be set from the main thread; atexit still covers the rest.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, functools.partial(_on_signal, signal.getsignal(sig)))

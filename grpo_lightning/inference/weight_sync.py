@@ -1,0 +1,261 @@
+"""Pushing the trainer's new weights (an HF folder) to the inference servers, and proving it.
+
+Methods, fastest first:
+
+* ``disk`` (built-in, SGLang): ``POST /update_weights_from_disk {"model_path": DIR}``. The server
+  reads the folder and swaps the weights in place; it answers once the new weights serve.
+* ``reload`` (vLLM, needs ``VLLM_SERVER_DEV_MODE=1``, which ``launch.server_env`` sets):
+  ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}``; vLLM
+  versions whose ``reload_weights`` takes no path get ``update_config`` (pointing
+  ``model_config.model`` at DIR) followed by ``reload_weights``. Then ``POST /reset_prefix_cache``
+  so that no KV computed with the old weights is reused. vLLM does not pause generation for
+  this: sync between rollout phases, with no request in flight (the trainer does).
+* ``restart`` (any managed server): stop it and start it on DIR. Always works; costs a process
+  start and a full model load (tens of seconds to minutes on a real model).
+
+``auto`` is ``disk`` for built-in/SGLang and ``reload`` for vLLM, falling back to ``restart``
+when the reload route is missing or fails and the server is ours to restart.
+
+After the push the servers are checked, so that training never silently continues against
+stale weights: the built-in server's weights checksum must equal the folder's
+(``weights.folder_checksum``), and with a ``probe`` (the trainer's own logprobs for a
+(prompt, completion) pair) a short sampled completion's server logprobs must match the
+trainer's within ``tolerance``. A failed check raises ``WeightSyncError``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .client import GenerationRequest, RolloutClient, SamplingParams, ServerUnavailable
+
+if TYPE_CHECKING:  # launch.py re-exports this module's API, so it cannot be imported here
+    from .launch import ManagedServer
+
+Probe = Callable[[list[int], list[int]], list[float]]
+DEFAULT_PROBE_PROMPT = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+class WeightSyncError(RuntimeError):
+    """New weights could not be pushed, or the server was not shown to serve them."""
+
+
+@dataclass
+class SyncReport:
+    """What a weight sync did and how long it took."""
+
+    seconds: float
+    """Time to push the weights until the servers answer with them (verification excluded)."""
+    method: str
+    """``disk``, ``reload`` or ``restart``: the method that actually ran."""
+    verified: bool
+    """True when a checksum or logprob probe showed the new weights being served."""
+    checksum: str | None = None
+    """The built-in server's weights checksum after the sync."""
+    max_logprob_diff: float | None = None
+    """Largest |server - trainer| logprob difference of the probe, when one ran."""
+    verify_seconds: float = 0.0
+
+
+def sync_weights(
+    server: ManagedServer | str | Sequence[str],
+    model_dir: str | Path,
+    *,
+    backend: str | None = None,
+    method: str | None = None,
+    api_key: str | None = None,
+    probe: Probe | None = None,
+    probe_prompt_ids: list[int] | None = None,
+    probe_tokens: int = 8,
+    tolerance: float | None = None,
+    timeout: float = 600.0,
+    transport: httpx.BaseTransport | None = None,
+) -> SyncReport:
+    """Make every server serve the weights in ``model_dir``; raise ``WeightSyncError`` otherwise.
+
+    ``server`` is a ``ManagedServer`` (backend, key, method and tolerance come from its
+    config) or URLs of servers we do not own (then pass ``backend``; ``restart`` is impossible).
+    """
+    managed = None if isinstance(server, (str, list, tuple)) else server
+    if managed is not None:
+        urls = managed.urls
+        backend = backend or managed.config.backend
+        api_key = api_key if api_key is not None else managed.config.api_key
+        method = method or managed.config.sync
+        tolerance = managed.config.verify_tolerance if tolerance is None else tolerance
+    else:
+        urls = [server] if isinstance(server, str) else list(server)
+        backend = backend or "builtin"
+        method = method or "auto"
+        tolerance = 0.05 if tolerance is None else tolerance
+    urls = [u.rstrip("/") for u in urls]
+    model_dir = str(Path(model_dir).resolve())
+    if not Path(model_dir).is_dir():
+        raise WeightSyncError(f"no checkpoint folder at {model_dir}")
+    chosen = _resolve_method(method, backend, can_restart=managed is not None and managed.managed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    start = time.perf_counter()
+    with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
+        if chosen == "restart":
+            _restart(managed, model_dir)
+        else:
+            try:
+                for url in urls:
+                    (_update_from_disk if chosen == "disk" else _vllm_reload)(http, url, model_dir)
+            except WeightSyncError as exc:
+                if not (method == "auto" and managed is not None and managed.managed):
+                    raise
+                warnings.warn(f"{exc}; restarting the server instead", stacklevel=2)
+                chosen = "restart"
+                _restart(managed, model_dir)
+        seconds = time.perf_counter() - start
+
+        verify_start = time.perf_counter()
+        report = SyncReport(seconds=seconds, method=chosen, verified=False)
+        if backend == "builtin":
+            report.checksum = _check_checksum(http, urls, model_dir)
+            report.verified = True
+    if probe is not None:
+        clients = [
+            RolloutClient([u], backend=backend, api_key=api_key, max_retries=2, transport=transport)
+            for u in urls
+        ]
+        prompt = probe_prompt_ids or DEFAULT_PROBE_PROMPT
+        report.max_logprob_diff = max(
+            _check_probe(c, probe, prompt, probe_tokens, tolerance) for c in clients
+        )
+        report.verified = True
+    report.verify_seconds = time.perf_counter() - verify_start
+    if not report.verified:
+        warnings.warn(
+            f"weights of {model_dir} pushed to {', '.join(urls)} by {chosen} but not verified: pass probe= "
+            "(the trainer's logprobs) so that stale weights are caught",
+            stacklevel=2,
+        )
+    return report
+
+
+def _resolve_method(method: str, backend: str, can_restart: bool) -> str:
+    if method == "auto":
+        method = "reload" if backend == "vllm" else "disk"
+    if method == "disk" and backend == "vllm":
+        raise WeightSyncError(
+            "vLLM has no update_weights_from_disk route; use sync=reload or restart"
+        )
+    if method == "reload" and backend != "vllm":
+        raise WeightSyncError(f"sync=reload is vLLM's dev-mode route; {backend} uses sync=disk")
+    if method == "restart" and not can_restart:
+        raise WeightSyncError(
+            "sync=restart needs a server we launched (a ManagedServer without urls)"
+        )
+    if method not in ("disk", "reload", "restart"):
+        raise WeightSyncError(f"unknown sync method {method!r}")
+    return method
+
+
+def _restart(server: ManagedServer, model_dir: str) -> None:
+    try:
+        server.restart(model=model_dir)
+    except ServerUnavailable as exc:
+        raise WeightSyncError(f"restarting the server on {model_dir} failed: {exc}") from exc
+
+
+def _post(http: httpx.Client, url: str, path: str, payload: dict | None = None) -> httpx.Response:
+    try:
+        return http.post(f"{url}{path}", json=payload)
+    except httpx.HTTPError as exc:
+        raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _update_from_disk(http: httpx.Client, url: str, model_dir: str) -> None:
+    r = _post(http, url, "/update_weights_from_disk", {"model_path": model_dir})
+    try:
+        answer = r.json()
+    except ValueError:
+        answer = {}
+    if r.status_code != 200 or not answer.get("success"):
+        message = answer.get("message") or r.text
+        raise WeightSyncError(f"{url} could not load {model_dir}: HTTP {r.status_code} {message}")
+
+
+def _vllm_reload(http: httpx.Client, url: str, model_dir: str) -> None:
+    r = _post(
+        http,
+        url,
+        "/collective_rpc",
+        {"method": "reload_weights", "kwargs": {"weights_path": model_dir}},
+    )
+    if r.status_code == 404:
+        raise WeightSyncError(
+            f"{url} has no /collective_rpc route: start vLLM with VLLM_SERVER_DEV_MODE=1"
+        )
+    if r.status_code != 200:
+        # Older vLLM: reload_weights() takes no path and reads model_config.model.
+        steps = [
+            {"method": "update_config", "args": [{"model_config": {"model": model_dir}}]},
+            {"method": "reload_weights"},
+        ]
+        for step in steps:
+            r = _post(http, url, "/collective_rpc", step)
+            if r.status_code != 200:
+                raise WeightSyncError(
+                    f"{url} /collective_rpc {step['method']} failed: HTTP {r.status_code} {r.text[:300]}"
+                )
+    r = _post(http, url, "/reset_prefix_cache")
+    if r.status_code != 200:
+        raise WeightSyncError(
+            f"{url} /reset_prefix_cache failed: HTTP {r.status_code} {r.text[:300]}"
+        )
+
+
+def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str) -> str:
+    from .weights import folder_checksum
+
+    expected: dict[str, str] = {}
+    served = ""
+    for url in urls:
+        try:
+            info = http.get(f"{url}/get_model_info").json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise WeightSyncError(f"{url}/get_model_info failed: {exc}") from None
+        dtype, served = info["dtype"], info["checksum"]
+        if dtype not in expected:
+            expected[dtype] = folder_checksum(model_dir, dtype)
+        if served != expected[dtype]:
+            raise WeightSyncError(
+                f"{url} serves weights with checksum {served}, but {model_dir} has {expected[dtype]}"
+            )
+    return served
+
+
+def _check_probe(
+    client: RolloutClient, probe: Probe, prompt: list[int], tokens: int, tolerance: float
+) -> float:
+    # Temperature 1, no top-k/top-p: every backend then reports the model's raw logprobs.
+    request = GenerationRequest(
+        prompt_ids=list(prompt), n=1, seed=0, params=SamplingParams(max_tokens=tokens)
+    )
+    try:
+        completion = client.generate([request])[0][0]
+    except RuntimeError as exc:
+        raise WeightSyncError(f"probe generation failed: {exc}") from None
+    local = probe(list(prompt), completion.token_ids)
+    if len(local) != len(completion.logprobs):
+        raise WeightSyncError(
+            f"probe returned {len(local)} logprobs for {len(completion.logprobs)} tokens"
+        )
+    diff = max(abs(a - b) for a, b in zip(local, completion.logprobs, strict=True))
+    if diff > tolerance:
+        raise WeightSyncError(
+            f"{client.urls[0]} does not serve the trainer's weights: logprobs differ by up to "
+            f"{diff:.3g} (tolerance {tolerance:g})"
+        )
+    return diff

@@ -1,0 +1,383 @@
+"""GRPOModule: the policy, the frozen reference model (only with a KL term) and the GRPO loss.
+
+One Lightning epoch is one GRPO iteration; each ``training_step`` gets one micro-batch of the
+iteration's rollouts (see ``rollouts.build_schedule``) and the module steps the optimizer
+itself (manual optimization) where a micro-batch closes an optimizer step. That keeps the
+loss normalisation exact under any micro-batching and lets a non-finite step be skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .logprobs import sequence_token_logprobs
+from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
+from .models import load_policy, load_tokenizer
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class GRPOModule(pl.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny-sat",
+        trust_remote_code: bool = False,
+        lr: float = 2e-6,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        max_grad_norm: float = 1.0,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+        importance_level: Literal["token", "sequence"] = "token",
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.28,
+        kl_coef: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        entropy_coef: float = 0.0,
+        tis_cap: float | None = None,
+        num_iterations: int = 1,
+        steps_per_iteration: int = 1,
+        micro_batch_size: int = 4,
+        max_tokens_per_micro_batch: int | None = None,
+        logprob_chunk_size: int = 1024,
+        gradient_checkpointing: bool = False,
+        max_consecutive_nonfinite: int = 3,
+        temperature: float = 1.0,
+        max_completion_length: int = 512,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: the policy: a local Hugging Face folder, a hub id in the local
+                cache, or ``tiny-sat`` (the built-in CPU demo model).
+            trust_remote_code: allow the checkpoint's own modelling code (off: never run code
+                from a checkpoint unless asked).
+            lr: peak AdamW learning rate.
+            betas: AdamW betas; (0.9, 0.95) as in most LLM RL recipes (the reference's value).
+            weight_decay: AdamW decoupled weight decay (Loshchilov & Hutter 2019), applied to
+                matrices only (not to biases and norm weights).
+            max_grad_norm: clip the global gradient norm to this before each optimizer step.
+            lr_schedule: ``constant``, ``cosine`` or ``linear`` decay to ``min_lr_ratio * lr``
+                over the run's optimizer steps, after warmup.
+            warmup_steps: optimizer steps of linear warmup; step ``k`` uses
+                ``lr * (k + 1) / (warmup_steps + 1)``, so the first step is never a no-op
+                (the reference's LR-0 first step is a bug).
+            min_lr_ratio: final learning rate as a fraction of ``lr`` for decaying schedules.
+            loss_type: how per-token losses are aggregated: ``grpo`` (token mean per sequence,
+                then mean over sequences; Shao et al. 2024), ``bnpo`` (token sum / tokens in the
+                step on this rank), ``dr_grpo`` (token sum / (sequences * max_completion_length);
+                Liu et al. 2025), ``dapo`` (token sum / tokens in the step over all ranks;
+                Yu et al. 2025).
+            importance_level: importance ratio per ``token`` (PPO/GRPO) or per ``sequence``
+                (length-normalised sequence ratio; GSPO, Zheng et al. 2025).
+            epsilon_low: lower clip, ratio >= 1 - epsilon_low (PPO, Schulman et al. 2017).
+            epsilon_high: upper clip, ratio <= 1 + epsilon_high; larger than epsilon_low is
+                DAPO's clip-higher (Yu et al. 2025).
+            kl_coef: weight of the KL penalty to the frozen initial policy; 0 loads no
+                reference model at all.
+            kl_estimator: per-token KL estimator k1, k2 or k3 (Schulman 2020, "Approximating
+                KL divergence"); TRL uses k3, the reference k2.
+            entropy_coef: weight of the entropy bonus (subtracted from the loss).
+            tis_cap: truncated importance sampling (Yao et al. 2025): when set, the ratio is
+                taken against the trainer's own log-probabilities at the start of the
+                iteration and each token's policy-gradient term is weighted by
+                ``min(pi_trainer / pi_server, tis_cap)``, correcting the server/trainer
+                mismatch. None: the ratio is taken against the server's log-probabilities.
+            num_iterations: mu, passes over one iteration's rollouts (GRPO's inner epochs).
+            steps_per_iteration: optimizer steps per pass; the rollouts are split evenly.
+            micro_batch_size: sequences per forward/backward (gradient accumulation inside a
+                step); ignored when ``max_tokens_per_micro_batch`` is set.
+            max_tokens_per_micro_batch: token budget per micro-batch (padded tokens); sequences
+                are sorted and packed so micro-batches carry little padding. None: fixed size.
+            logprob_chunk_size: tokens per chunk of the LM-head log-softmax; the full
+                [tokens x vocab] log-probabilities are never materialised.
+            gradient_checkpointing: recompute activations in the backward pass (less memory,
+                about a third more compute).
+            max_consecutive_nonfinite: stop the run after this many consecutive optimizer
+                steps with a non-finite loss or gradient (each one is skipped and counted).
+            temperature: linked from ``data.temperature``: log-probabilities are those of the
+                sampling distribution at this temperature.
+            max_completion_length: linked from ``data.max_tokens`` (Dr. GRPO's normaliser).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self._validate()
+        self.automatic_optimization = False
+        self.loss_config = LossConfig(
+            loss_type=loss_type,
+            importance_level=importance_level,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            kl_coef=kl_coef,
+            kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef,
+            tis_cap=tis_cap,
+            max_completion_length=max_completion_length,
+        )
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        # Held outside the module tree: never in state_dict, checkpoints or the optimizer.
+        self._ref: list[torch.nn.Module] = []
+        self._stats: list[dict[str, Stat]] = []
+        self._step_stats: dict[str, list[float]] = {}
+        self._epoch_t0 = 0.0
+        self._train_seconds = 0.0
+        self._consecutive_nonfinite = 0
+
+    def _validate(self) -> None:
+        h = self.hparams
+        checks = {
+            "lr": h.lr > 0,
+            "betas": all(0 <= b < 1 for b in h.betas),
+            "weight_decay": h.weight_decay >= 0,
+            "max_grad_norm": h.max_grad_norm > 0,
+            "warmup_steps": h.warmup_steps >= 0,
+            "min_lr_ratio": 0 <= h.min_lr_ratio <= 1,
+            "epsilon_low": 0 <= h.epsilon_low < 1,
+            "epsilon_high": h.epsilon_high >= 0,
+            "kl_coef": h.kl_coef >= 0,
+            "entropy_coef": h.entropy_coef >= 0,
+            "tis_cap": h.tis_cap is None or h.tis_cap >= 1,
+            "num_iterations": h.num_iterations >= 1,
+            "steps_per_iteration": h.steps_per_iteration >= 1,
+            "micro_batch_size": h.micro_batch_size >= 1,
+            "max_tokens_per_micro_batch": h.max_tokens_per_micro_batch is None or h.max_tokens_per_micro_batch >= 1,
+            "logprob_chunk_size": h.logprob_chunk_size >= 1,
+            "max_consecutive_nonfinite": h.max_consecutive_nonfinite >= 1,
+            "temperature": h.temperature > 0,
+            "max_completion_length": h.max_completion_length >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"model.{k}={h[k]!r}" for k in bad)
+            raise ValueError(f"invalid model config: {values} (see --print_config for the allowed values)")
+
+    # ------------------------------------------------------------------ models
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        h = self.hparams
+        self.policy = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
+        self.policy.config.use_cache = False
+        if h.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.tokenizer = load_tokenizer(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
+        if h.kl_coef > 0:
+            ref = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
+            ref.requires_grad_(False).eval()
+            self._ref = [ref]
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        return self._ref[0] if self._ref else None
+
+    def on_fit_start(self) -> None:
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        assert self.policy is not None
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=h.lr,
+            betas=tuple(h.betas),
+        )
+        total = self._total_steps()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, h, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
+        return max(1, epochs * self.hparams.num_iterations * self.hparams.steps_per_iteration)
+
+    # ------------------------------------------------------------------ training
+
+    def logprobs(self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return sequence_token_logprobs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            temperature=self.hparams.temperature,
+            chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=with_entropy,
+            loss_positions=batch["loss_mask"].bool(),
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self._stats = []
+        self._step_stats = {"grad_norm": [], "lr": [], "skipped": [], "steps": []}
+        self._epoch_t0 = time.perf_counter()
+        self._precompute_fixed_logprobs()
+
+    @torch.no_grad()
+    def _precompute_fixed_logprobs(self) -> None:
+        """Reference and old-policy log-probabilities, once per iteration (before any step)."""
+        need_ref, need_old = self.ref_model is not None, self.hparams.tis_cap is not None
+        if not (need_ref or need_old):
+            return
+        micro = self.trainer.train_dataloader.dataset
+        rollouts = micro.rollouts.rollouts
+        seen: set[int] = set()
+        for k, mb in enumerate(micro.schedule):
+            if not mb.indices or mb.pass_index != 0 or set(mb.indices) <= seen:
+                continue
+            seen.update(mb.indices)
+            batch = self.trainer.strategy.batch_to_device(micro[k], self.device)
+            mask = batch["loss_mask"].bool()
+            outs = {}
+            if need_ref:
+                outs["ref_logprobs"] = self.logprobs(self.ref_model, batch, with_entropy=False)[0]
+            if need_old:
+                self.policy.eval()
+                outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
+                self.policy.train()
+            for row, idx in enumerate(mb.indices):
+                r = rollouts[idx]
+                for key, lp in outs.items():
+                    # Rows of masked (untrainable) rollouts are zeros; they never enter the loss.
+                    values = lp[row][mask[row]].tolist() if mask[row].any() else [0.0] * len(r.completion_ids)
+                    setattr(r, key, values)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        assert self.policy is not None
+        opt = self.optimizers()
+        mask = batch["loss_mask"]
+        logp, entropy = self.logprobs(self.policy, batch, with_entropy=True)
+        if entropy is not None and self.hparams.entropy_coef == 0:
+            entropy = entropy.detach()
+        out = grpo_loss(
+            logp,
+            batch["behaviour_logprobs"],
+            batch["advantages"],
+            mask,
+            self.loss_config,
+            Normalizer(**batch["normalizer"]),
+            old_logp=batch.get("old_logprobs", logp.detach()) if self.hparams.tis_cap is not None else None,
+            ref_logp=batch.get("ref_logprobs", logp.detach()) if self.ref_model is not None else None,
+            entropy=entropy,
+        )
+        loss = out.loss
+        if not torch.isfinite(loss):
+            # Skip the backward: a NaN would poison every accumulated gradient of the step.
+            self._nonfinite_in_step = True
+            loss = loss.detach()
+        else:
+            self.manual_backward(loss)
+        self._stats.append({k: Stat(v.value.detach().cpu(), v.count.detach().cpu(), v.reduce) for k, v in out.stats.items()})
+        if batch["step_end"]:
+            self._optimizer_step(opt)
+        self._train_seconds = time.perf_counter() - self._epoch_t0
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=int(mask.shape[0]))
+        return loss.detach()
+
+    _nonfinite_in_step = False
+
+    def _optimizer_step(self, opt: Any) -> None:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
+        finite = bool(torch.isfinite(grad_norm)) and not self._nonfinite_in_step
+        self._step_stats["lr"].append(float(opt.param_groups[0]["lr"]))
+        self._step_stats["steps"].append(1.0)
+        if finite:
+            opt.step()
+            self._consecutive_nonfinite = 0
+            self._step_stats["grad_norm"].append(float(grad_norm))
+        else:
+            self._consecutive_nonfinite += 1
+            self._step_stats["skipped"].append(1.0)
+            rank_zero_warn(
+                f"iteration {self.current_epoch}: non-finite loss or gradient, optimizer step skipped "
+                f"({self._consecutive_nonfinite} in a row)"
+            )
+        opt.zero_grad(set_to_none=True)
+        self._nonfinite_in_step = False
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        if self._consecutive_nonfinite >= self.hparams.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self._consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}); the last good "
+                "weights are in checkpoints/last.ckpt"
+            )
+
+    def iteration_summary(self) -> dict[str, float]:
+        """This iteration's training metrics, combined over micro-batches and ranks.
+
+        Collective under DDP: every rank must call it (the metrics callback does).
+        """
+        stats = combine_stats(self._stats)
+        if self.trainer.world_size > 1:
+            stats = self._reduce_across_ranks(stats)
+        metrics = {f"train/{k}": v for k, v in finalize_stats(stats).items()}
+        metrics["train/loss"] = sum(v for k, v in metrics.items() if k.startswith("train/loss/") and math.isfinite(v))
+        s = self._step_stats
+        metrics["train/grad_norm"] = sum(s["grad_norm"]) / len(s["grad_norm"]) if s["grad_norm"] else math.nan
+        metrics["train/grad_norm_max"] = max(s["grad_norm"], default=math.nan)
+        metrics["train/lr"] = s["lr"][-1] if s["lr"] else math.nan
+        metrics["train/optimizer_steps"] = float(len(s["steps"]) - len(s["skipped"]))
+        metrics["train/nonfinite_steps_skipped"] = float(len(s["skipped"]))
+        metrics["time/train_s"] = self._train_seconds
+        return metrics
+
+    def _reduce_across_ranks(self, stats: dict[str, Stat]) -> dict[str, Stat]:
+        """Combine each rank's stats exactly (sums and counts add, extremes reduce)."""
+        gathered = self.trainer.strategy.all_gather(
+            {k: torch.stack([v.value.float(), v.count.float()]).to(self.device) for k, v in stats.items()}
+        )
+        parts = []
+        for r in range(self.trainer.world_size):
+            parts.append({k: Stat(g[r][0].cpu(), g[r][1].cpu(), stats[k].reduce) for k, g in gathered.items()})
+        return combine_stats(parts)
+
+    # ------------------------------------------------------------------ export
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """Write the policy as a Hugging Face folder (safetensors) loadable by transformers and vLLM."""
+        assert self.policy is not None
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    @torch.no_grad()
+    def probe_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """The policy's log-probabilities of ``completion_ids`` after ``prompt_ids`` (weight-sync probe)."""
+        assert self.policy is not None
+        ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        mask = torch.zeros((1, ids.shape[1] - 1), dtype=torch.bool, device=self.device)
+        mask[0, len(prompt_ids) - 1 :] = True
+        was_training = self.policy.training
+        self.policy.eval()
+        logp, _ = sequence_token_logprobs(
+            self.policy, ids, torch.ones_like(ids), temperature=1.0, loss_positions=mask
+        )
+        self.policy.train(was_training)
+        return logp[0, len(prompt_ids) - 1 :].tolist()
+
+
+def lr_factor(step: int, h: Any, total: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based)."""
+    if step < h.warmup_steps:
+        return (step + 1) / (h.warmup_steps + 1)
+    if h.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if h.lr_schedule == "cosine" else 1 - progress
+    return h.min_lr_ratio + (1 - h.min_lr_ratio) * shape

@@ -1,0 +1,294 @@
+"""Rollouts: prompts from seeds, completions from the server, rewards, advantages, the dataset.
+
+The path of one iteration's data:
+seeds -> ``env.reset`` -> prompt ids -> client -> completion ids + behaviour logprobs
+-> ``env.step`` -> rewards -> group advantages -> ``RolloutDataset`` (map-style) ->
+``MicroBatchDataset`` (the micro-batches of the iteration, in training order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .advantages import group_advantages
+from .envs import Environment
+from .inference.client import Completion, GenerationRequest, RolloutClient, SamplingParams
+from .loss import Normalizer
+from .packing import plan_micro_batches
+
+
+def sampling_seed(*parts: object) -> int:
+    """A 31-bit seed derived from ``parts`` (stable across processes and Python versions)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Rollout:
+    """One completion of one problem, scored."""
+
+    problem_seed: int
+    replicate: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    finish_reason: str
+    text: str
+    reward: float
+    components: dict[str, float]
+    success: bool
+    advantage: float = 0.0
+    trainable: bool = True
+    """False when the completion is masked out of the loss (truncated, with masking on)."""
+    ref_logprobs: list[float] | None = None
+    old_logprobs: list[float] | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class RolloutGenerator:
+    """Turns problem seeds into scored groups of completions through an inference server."""
+
+    def __init__(
+        self,
+        client: RolloutClient,
+        tokenizer: Any,
+        env_factory: Callable[[], Environment],
+        params: SamplingParams,
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.env_factory = env_factory
+        self.params = params
+        self._prompts: dict[int, list[int]] = {}
+
+    def prompt_ids(self, seed: int) -> list[int]:
+        if seed not in self._prompts:
+            messages = self.env_factory().reset(seed)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._prompts[seed] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompts[seed]
+
+    def generate(
+        self,
+        seeds: Sequence[int],
+        n: int,
+        seed_tag: str,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[list[Rollout]]:
+        """``n`` scored completions for each seed; sampling seeds derive from ``seed_tag``."""
+        requests = [
+            GenerationRequest(
+                prompt_ids=self.prompt_ids(s), n=n, seed=sampling_seed(seed_tag, s), params=self.params
+            )
+            for s in seeds
+        ]
+        results = self.client.generate(requests, on_done=on_done)
+        return [self.score(seed, completions) for seed, completions in zip(seeds, results, strict=True)]
+
+    def score(self, seed: int, completions: Sequence[Completion]) -> list[Rollout]:
+        env = self.env_factory()
+        env.reset(seed)
+        group = []
+        for i, c in enumerate(completions):
+            result = env.step(c.text)
+            group.append(
+                Rollout(
+                    problem_seed=seed,
+                    replicate=i,
+                    prompt_ids=list(c.prompt_ids),
+                    completion_ids=list(c.token_ids),
+                    behaviour_logprobs=list(c.logprobs),
+                    finish_reason=c.finish_reason,
+                    text=c.text,
+                    reward=result.reward,
+                    components=dict(result.components),
+                    success=result.success,
+                )
+            )
+        return group
+
+
+def assign_advantages(
+    groups: list[list[Rollout]], scale: str = "group", eps: float = 1e-4, mask_truncated: bool = False
+) -> None:
+    """Write group-relative advantages into the rollouts (in place)."""
+    if not groups:
+        return
+    rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float64)
+    adv = group_advantages(rewards, scale=scale, eps=eps)  # type: ignore[arg-type]
+    for g, row in zip(groups, adv.tolist(), strict=True):
+        for r, a in zip(g, row, strict=True):
+            r.advantage = a
+            r.trainable = not (mask_truncated and r.truncated) and len(r.completion_ids) > 0
+
+
+class RolloutDataset(Dataset):
+    """Map-style: item ``i`` is rollout ``i`` as tensors (prompt + completion ids, logprobs)."""
+
+    def __init__(self, rollouts: list[Rollout]) -> None:
+        self.rollouts = rollouts
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rollouts[i]
+        item = {
+            "input_ids": torch.tensor(r.prompt_ids + r.completion_ids, dtype=torch.long),
+            "prompt_len": len(r.prompt_ids),
+            "behaviour_logprobs": torch.tensor(r.behaviour_logprobs, dtype=torch.float32),
+            "advantage": float(r.advantage),
+            "trainable": r.trainable,
+            "index": i,
+        }
+        if r.ref_logprobs is not None:
+            item["ref_logprobs"] = torch.tensor(r.ref_logprobs, dtype=torch.float32)
+        if r.old_logprobs is not None:
+            item["old_logprobs"] = torch.tensor(r.old_logprobs, dtype=torch.float32)
+        return item
+
+    def length(self, i: int) -> int:
+        r = self.rollouts[i]
+        return len(r.prompt_ids) + len(r.completion_ids)
+
+    def loss_tokens(self, i: int) -> int:
+        r = self.rollouts[i]
+        return len(r.completion_ids) if r.trainable else 0
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. Position ``t`` of the [B, L-1] tensors predicts token ``t + 1``."""
+    width = max(len(it["input_ids"]) for it in items)
+    b = len(items)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    loss_mask = torch.zeros((b, width - 1), dtype=torch.float32)
+    behaviour = torch.zeros((b, width - 1), dtype=torch.float32)
+    extra = {k: torch.zeros((b, width - 1)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
+    for row, it in enumerate(items):
+        ids = it["input_ids"]
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        start, stop = it["prompt_len"] - 1, len(ids) - 1
+        if it["trainable"]:
+            loss_mask[row, start:stop] = 1.0
+        behaviour[row, start:stop] = it["behaviour_logprobs"]
+        for k, t in extra.items():
+            t[row, start:stop] = it[k]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "behaviour_logprobs": behaviour,
+        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
+        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        **extra,
+    }
+
+
+@dataclass
+class MicroBatch:
+    """Which rollouts one ``training_step`` sees, and what it must do after the backward."""
+
+    indices: list[int]
+    step_end: bool
+    """Run the optimizer step after this micro-batch."""
+    normalizer: Normalizer
+    pass_index: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def build_schedule(
+    dataset: RolloutDataset,
+    *,
+    num_iterations: int,
+    steps_per_iteration: int,
+    micro_batch_size: int,
+    max_tokens_per_micro_batch: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> list[MicroBatch]:
+    """The micro-batches of one iteration for ``rank``: ``num_iterations`` passes over the
+    rollouts, each pass split into ``steps_per_iteration`` optimizer steps.
+
+    Every rank gets the same number of micro-batches per step (DDP needs matching backward
+    calls), padded with empty micro-batches where the token-budget plan is uneven. Each
+    step's ``Normalizer`` counts the step's sequences and tokens over all ranks, so the loss
+    is the same however the step is cut into micro-batches.
+    """
+    n = len(dataset)
+    schedule: list[MicroBatch] = []
+    for p in range(num_iterations):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(sampling_seed(seed, p))).tolist()
+        chunks = [order[k::steps_per_iteration] for k in range(steps_per_iteration)]
+        for step_indices in chunks:
+            step_indices = sorted(step_indices)
+            norm = Normalizer(
+                num_sequences=sum(1 for i in step_indices if dataset.loss_tokens(i) > 0),
+                num_tokens_local=0,
+                num_tokens_global=sum(dataset.loss_tokens(i) for i in step_indices),
+                world_size=world_size,
+            )
+            lengths = [dataset.length(i) for i in step_indices]
+            plan = plan_micro_batches(
+                lengths,
+                micro_batch_size=None if max_tokens_per_micro_batch else micro_batch_size,
+                max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            )
+            per_rank = -(-len(plan) // world_size)
+            mine = [[step_indices[j] for j in plan[k]] for k in range(rank, len(plan), world_size)]
+            mine += [[] for _ in range(per_rank - len(mine))]
+            local_tokens = sum(dataset.loss_tokens(i) for mb in mine for i in mb)
+            local = Normalizer(
+                num_sequences=norm.num_sequences,
+                num_tokens_local=local_tokens,
+                num_tokens_global=norm.num_tokens_global,
+                world_size=world_size,
+            )
+            for k, mb in enumerate(mine):
+                schedule.append(MicroBatch(indices=mb, step_end=k == len(mine) - 1, normalizer=local, pass_index=p))
+    return schedule
+
+
+class MicroBatchDataset(Dataset):
+    """Map-style over the iteration's micro-batches: item ``k`` is micro-batch ``k``, collated."""
+
+    def __init__(self, rollouts: RolloutDataset, schedule: list[MicroBatch], pad_id: int) -> None:
+        self.rollouts = rollouts
+        self.schedule = schedule
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        mb = self.schedule[k]
+        # An empty micro-batch (DDP padding) still runs a forward/backward with zero loss.
+        items = [self.rollouts[i] for i in mb.indices] or [_empty_item(self.pad_id)]
+        batch: dict[str, Any] = collate(items, self.pad_id)
+        batch["step_end"] = mb.step_end
+        # A plain dict: Lightning's device transfer refuses frozen dataclasses.
+        batch["normalizer"] = asdict(mb.normalizer)
+        batch["pass_index"] = mb.pass_index
+        return batch
+
+
+def _empty_item(pad_id: int) -> dict[str, Any]:
+    return {
+        "input_ids": torch.tensor([pad_id, pad_id]),
+        "prompt_len": 1,
+        "behaviour_logprobs": torch.zeros(1),
+        "advantage": 0.0,
+        "trainable": False,
+        "index": -1,
+    }

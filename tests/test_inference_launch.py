@@ -1,0 +1,266 @@
+"""ManagedServer: launch commands, health, logs, restarts, no orphans, attach mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from jsonargparse import ArgumentParser
+from test_inference_client import FakeServer
+
+from grpo_lightning.inference.client import GenerationRequest, SamplingParams, ServerUnavailable
+from grpo_lightning.inference.launch import ManagedServer, ServerConfig, server_argv, server_env
+from grpo_lightning.inference.weight_sync import WeightSyncError, sync_weights
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pid: int, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def test_server_config_parses_with_jsonargparse_and_documents_every_field():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ServerConfig, "server")
+    cfg = parser.parse_args(
+        [
+            "--server.backend=vllm",
+            "--server.port=8001",
+            "--server.gpu=1",
+            '--server.extra_args=["--enforce-eager"]',
+        ]
+    )
+    server = parser.instantiate_classes(cfg).server
+    assert server == ServerConfig(backend="vllm", port=8001, gpu=1, extra_args=["--enforce-eager"])
+    text = parser.format_help()
+    for name in ServerConfig.__dataclass_fields__:
+        assert f"--server.{name} " in text
+    assert "Seconds to wait for a launched server" in text
+    with pytest.raises(Exception, match="backend"):
+        parser.parse_args(["--server.backend=tgi"])
+
+
+def test_launch_commands_and_environment():
+    vllm = ServerConfig(
+        backend="vllm",
+        gpu=1,
+        api_key="s3cret",
+        max_model_len=4096,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=32,
+    )
+    argv = server_argv(vllm, "/ckpt/step-3", 30001, served_model_name="policy")
+    assert argv[:5] == [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/ckpt/step-3",
+    ]
+    pairs = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert (
+        pairs["--served-model-name"] == "policy"
+        and pairs["--port"] == "30001"
+        and pairs["--host"] == "127.0.0.1"
+    )
+    assert (
+        pairs["--gpu-memory-utilization"] == "0.3"
+        and pairs["--max-model-len"] == "4096"
+        and pairs["--max-num-seqs"] == "32"
+    )
+    assert pairs["--logprobs-mode"] == "processed_logprobs"
+    assert "s3cret" not in argv
+    env = server_env(vllm)
+    assert env == {
+        "CUDA_VISIBLE_DEVICES": "1",
+        "VLLM_API_KEY": "s3cret",
+        "VLLM_SERVER_DEV_MODE": "1",
+    }
+    assert "VLLM_SERVER_DEV_MODE" not in server_env(ServerConfig(backend="vllm", sync="restart"))
+
+    sglang = ServerConfig(
+        backend="sglang", max_model_len=4096, deterministic=True, extra_args=["--tp", "2"]
+    )
+    argv = server_argv(sglang, "/ckpt", 30002)
+    assert argv[:5] == [sys.executable, "-m", "sglang.launch_server", "--model-path", "/ckpt"]
+    assert argv[-3:] == ["--enable-deterministic-inference", "--tp", "2"]
+    assert {"--mem-fraction-static", "--context-length", "--max-running-requests"} <= set(argv)
+
+    builtin = ServerConfig(api_key="k", device="cpu")
+    argv = server_argv(builtin, "tiny-sat", 8000)
+    assert argv[1:3] == ["-m", "grpo_lightning.inference.server"] and "k" not in argv
+    assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
+    assert server_env(builtin) == {"GRPO_LIGHTNING_API_KEY": "k"}
+
+
+def test_dead_server_fails_fast_with_a_one_line_cause(tmp_path):
+    server = ManagedServer(
+        ServerConfig(startup_timeout=60),
+        model="/nonexistent/model",
+        log_path=tmp_path / "server.log",
+    )
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailable) as err:
+        server.start()
+    assert time.monotonic() - start < 20
+    message = str(err.value)
+    assert "\n" not in message
+    assert (
+        server.urls[0] in message
+        and "exited with code 1" in message
+        and "no such folder" in message
+    )
+    assert server.pid is None
+
+
+def test_startup_deadline_stops_the_half_started_server(tmp_path):
+    server = ManagedServer(
+        ServerConfig(startup_timeout=1.0), model="tiny-sat", log_path=tmp_path / "server.log"
+    )
+    launched: list[int] = []
+    launch = server._launch
+
+    def spy() -> None:
+        launch()
+        launched.append(server.pid)
+
+    server._launch = spy
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=r"not healthy after 1s"):
+        server.start()
+    assert time.monotonic() - start < 15
+    assert wait_gone(launched[0], 5)
+
+
+CHILD = """
+import sys, threading, time
+from grpo_lightning.inference.launch import ManagedServer, ServerConfig
+
+server = ManagedServer(ServerConfig(startup_timeout=300), model=sys.argv[1], log_path=sys.argv[2])
+
+def report():
+    while server.pid is None:
+        time.sleep(0.01)
+    print(server.pid, flush=True)
+
+threading.Thread(target=report, daemon=True).start()
+server.start()
+time.sleep(600)
+"""
+
+
+def test_sigterm_to_the_trainer_leaves_no_server_behind(tmp_path, tiny_sat_path):
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tiny_sat_path, str(tmp_path / "server.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server_pid = int(trainer.stdout.readline())
+        assert pid_alive(server_pid)
+        time.sleep(0.5)
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=30) == -signal.SIGTERM
+        assert wait_gone(server_pid), "the server outlived a trainer stopped by SIGTERM"
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_attached_servers_are_used_but_never_stopped(tmp_path):
+    answer = {
+        "choices": [
+            {
+                "index": 0,
+                "text": "x",
+                "token_ids": [5],
+                "logprobs": {"token_logprobs": [-1.0]},
+                "finish_reason": "length",
+            }
+        ]
+    }
+
+    def script(path, hit):
+        if path == "/v1/models":
+            return 0.0, 200, {"data": [{"id": "remote"}]}
+        return 0.0, 200, answer
+
+    with FakeServer(script) as url:
+        server = ManagedServer(ServerConfig(urls=[url + "/"]))
+        with server:
+            assert server.urls == [url] and not server.managed and server.pid is None
+            completions = server.client().generate(
+                [GenerationRequest([1, 2], 1, 0, SamplingParams(max_tokens=1))]
+            )
+            assert completions[0][0].token_ids == [5]
+            with pytest.raises(RuntimeError, match="attached"):
+                server.restart()
+            with pytest.raises(WeightSyncError, match="restart"):
+                sync_weights(server, tmp_path, method="restart")
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_lifecycle_kill_mid_batch_restart_and_exception(tmp_path, tiny_sat_path, tiny_tokenizer):
+    """Start, health, log; SIGKILL mid-batch and restart: retries succeed with the same tokens;
+    an exception in the ``with`` block stops the server."""
+    log = tmp_path / "run" / "server.log"
+    checkpoint = tmp_path / "step-1"
+    shutil.copytree(tiny_sat_path, checkpoint)
+    config = ServerConfig(
+        startup_timeout=180, max_retries=200, backoff=0.25, extra_args=["--num-threads", "1"]
+    )
+    prompt = tiny_tokenizer(
+        "Variables: 7\nClauses:\n(x1 OR NOT x2 OR x3)\n", add_special_tokens=False
+    )["input_ids"]
+    requests = [
+        GenerationRequest(
+            prompt, n=2, seed=100 * i, params=SamplingParams(max_tokens=48, min_tokens=48)
+        )
+        for i in range(12)
+    ]
+
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ManagedServer(config, model=tiny_sat_path, log_path=log) as server,
+    ):
+        first_pid = server.pid
+        server.client().health()
+        assert "serving" in log.read_text()
+        expected = server.client().generate(requests)
+
+        async def crash_and_recover():
+            running = asyncio.create_task(server.client(max_backoff=1.0).agenerate(requests))
+            async with httpx.AsyncClient(timeout=5) as http:
+                while (await http.get(f"{server.urls[0]}/get_model_info")).json()["running"] == 0:
+                    await asyncio.sleep(0.005)
+            os.killpg(first_pid, signal.SIGKILL)
+            report = await asyncio.to_thread(sync_weights, server, checkpoint, method="restart")
+            return await running, report
+
+        recovered, report = asyncio.run(crash_and_recover())
+        assert [[c.token_ids for c in group] for group in recovered] == [
+            [c.token_ids for c in group] for group in expected
+        ]
+        assert report.method == "restart" and report.verified and report.seconds > 0
+        assert not pid_alive(first_pid) and server.pid != first_pid
+        second_pid = server.pid
+        raise RuntimeError("boom")
+    assert wait_gone(second_pid, 5)
+    assert server.pid is None
+    assert log.read_text().count("starting:") == 2
