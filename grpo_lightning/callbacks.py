@@ -34,7 +34,14 @@ from .rollouts import Rollout
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """``lightning_logs/<name>/version_N`` (the logger's folder)."""
+    """``lightning_logs/<name>/version_N`` (the logger's folder).
+
+    ``Trainer.log_dir`` is a collective under DDP (rank zero broadcasts it), so the data module
+    resolves it once in ``setup`` on every rank and rank-zero-only code reads that copy.
+    """
+    dm = trainer.datamodule
+    if isinstance(dm, RolloutDataModule) and dm.run_dir is not None:
+        return dm.run_dir
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -107,10 +114,12 @@ class WeightSyncCallback(pl.Callback):
         self.last_report: dict[str, Any] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The server starts with the original weights; a resumed run must serve the restored ones
-        # before its first rollout.
-        if trainer.ckpt_path:
-            self.sync(trainer, pl_module, reason="resume")
+        # A launched server starts with the original weights; a resumed run must serve the
+        # restored ones before its first rollout, and an attached server may serve anything.
+        dm = trainer.datamodule
+        attached = isinstance(dm, RolloutDataModule) and dm.server_config.urls
+        if trainer.ckpt_path or attached:
+            self.sync(trainer, pl_module, reason="resume" if trainer.ckpt_path else "attach")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx == trainer.num_training_batches - 1:

@@ -155,6 +155,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.eval_seeds: list[int] = []
         self.last_stats: dict[str, Any] = {}
         self.last_rollouts: list[Rollout] = []
+        self.run_dir: Path | None = None
 
     def _validate(self) -> None:
         checks = {
@@ -200,6 +201,9 @@ class RolloutDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.tokenizer is not None:
             return
+        if self.trainer is not None:
+            # Collective under DDP: every rank must ask (see callbacks.run_dir).
+            self.run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         env = self.make_env()
         self.train_seeds = _accepted_seeds(env, self.train_seed_start, self.num_train_seeds)
@@ -214,7 +218,7 @@ class RolloutDataModule(pl.LightningDataModule):
             self.start_server()
 
     def start_server(self) -> None:
-        log_dir = Path(self.trainer.log_dir) if self.trainer is not None and self.trainer.log_dir else Path(".")
+        log_dir = self.run_dir or Path(".")
         self.server = ManagedServer(self.server_config, self.model_name_or_path, log_path=log_dir / "server.log")
         self.server.start()
         self.client = self.server.client(tokenizer=self.tokenizer)

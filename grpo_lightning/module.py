@@ -170,6 +170,7 @@ class GRPOModule(pl.LightningModule):
         h = self.hparams
         self.policy = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
         self.policy.config.use_cache = False
+        self.policy.train()
         if h.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
@@ -337,7 +338,7 @@ class GRPOModule(pl.LightningModule):
 
     def _reduce_across_ranks(self, stats: dict[str, Stat]) -> dict[str, Stat]:
         """Combine each rank's stats exactly (sums and counts add, extremes reduce)."""
-        gathered = self.trainer.strategy.all_gather(
+        gathered = self.all_gather(
             {k: torch.stack([v.value.float(), v.count.float()]).to(self.device) for k, v in stats.items()}
         )
         parts = []

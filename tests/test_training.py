@@ -1,0 +1,175 @@
+"""End-to-end `fit` runs on the CPU default: run directory, TensorBoard, determinism, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from grpo_lightning.cli import main
+from grpo_lightning.envs.sat import SATEnv
+from grpo_lightning.models import resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "sat_tiny.yaml")
+TINY = [
+    "--data.problems_per_iteration", "4",
+    "--data.rollouts_per_problem", "4",
+    "--data.eval.num_problems", "6",
+    "--data.eval.replicates", "2",
+    "--data.eval.interval", "2",
+    "--data.max_tokens", "24",
+    "--model.micro_batch_size", "8",
+]
+
+# One pass per iteration, so each iteration's metrics come from the weights before its update.
+REF_EXTRA = ["--model.kl_coef", "0.01", "--model.tis_cap", "2.0", "--model.num_iterations", "1"]
+
+pytestmark = pytest.mark.slow
+
+
+def fit(save_dir: Path, name: str, *extra: str) -> Path:
+    main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(save_dir),
+          "--trainer.logger.init_args.name", name, *TINY, *extra])
+    versions = sorted((save_dir / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return versions[-1]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def without_times(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """Three uninterrupted iterations with a KL term and TIS on (so the reference model and the
+    old-policy logprobs are exercised)."""
+    out = tmp_path_factory.mktemp("runs")
+    return fit(out, "ref", "--trainer.max_epochs", "3", *REF_EXTRA)
+
+
+def test_run_directory(reference_run: Path) -> None:
+    run = reference_run
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["kl_coef"] == 0.01
+    assert config["data"]["rollouts_per_problem"] == 4
+    assert "temperature" not in config["model"]  # linked from data.temperature, not repeated
+    assert (run / "server.log").stat().st_size > 0
+
+    lo, hi = SATEnv().reward_bounds
+    for i in range(3):
+        m = load(run / "metrics" / f"train_iter_{i:03d}.json")
+        assert m["iteration"] == i
+        assert lo <= m["reward/reward_mean"] <= hi
+        assert 0 <= m["reward/success_rate"] <= 1
+        comps = sum(v for k, v in m.items() if k.startswith("reward_component/"))
+        assert comps == pytest.approx(m["reward/reward_mean"], abs=1e-9)
+        assert m["train/kl/mean"] >= 0
+        assert m["train/optimizer_steps"] == config["model"]["num_iterations"] * config["model"]["steps_per_iteration"]
+        assert m["time/generate_s"] > 0 and m["time/train_s"] > 0 and m["time/sync_s"] > 0
+        assert m["sync/verified"] is True
+        assert len(m["problem_seeds"]) == 4
+    first = load(run / "metrics" / "train_iter_000.json")
+    assert first["train/kl/mean"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at the reference
+    assert first["train/ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["train/mismatch/abs_max"] < 1e-4  # the server's logprobs are the trainer's
+    # Evaluations: baseline, after iteration 1 (interval 2) and after the last one.
+    assert {p.name for p in (run / "metrics").glob("eval_*.json")} == {
+        "eval_baseline.json", "eval_iter_001.json", "eval_iter_002.json"}
+    ev = load(run / "metrics" / "eval_iter_002.json")
+    assert ev["num_completions"] == 12 and 0 <= ev["pass@2"] <= 1 and ev["best@2"] >= ev["mean@2"]
+
+    # HF checkpoint (interval 10 -> only the last) equals the Lightning checkpoint's policy.
+    hf = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "iter_002")
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(k.startswith("policy.") for k in state), "only the policy is checkpointed (no reference model)"
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, state[f"policy.{name}"]), name
+
+
+def test_tensorboard_events(reference_run: Path) -> None:
+    acc = EventAccumulator(str(reference_run), size_guidance={"tensors": 0, "scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("reward/reward_mean", "reward/success_rate", "train/loss", "train/loss/policy",
+                "train/grad_norm", "eval/success_rate", "eval/reward_mean", "time/generate_s"):
+        assert tag in tags["scalars"], tag
+    steps = [e.step for e in acc.Scalars("eval/success_rate")]
+    assert steps == [0, 2, 3]
+    train = load(reference_run / "metrics" / "train_iter_001.json")
+    logged = {e.step: e.value for e in acc.Scalars("reward/reward_mean")}
+    assert logged[1] == pytest.approx(train["reward/reward_mean"], rel=1e-6)
+    assert "train/samples/text_summary" in tags["tensors"]
+    text = acc.Tensors("train/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| problem | reward | success | completion |" in text
+    assert "train/rewards" in tags["histograms"] and "eval/rewards" in tags["histograms"]
+
+
+def test_same_seed_is_deterministic_and_resume_matches(reference_run: Path, tmp_path: Path) -> None:
+    """Stop after two iterations, resume with --ckpt_path last: every metric of every iteration
+    equals the uninterrupted run's (timings aside), so rollouts and updates are identical."""
+    first = fit(tmp_path, "resumed", "--trainer.max_epochs", "2", *REF_EXTRA)
+    assert not (first / "metrics" / "train_iter_002.json").exists()
+    again = fit(tmp_path, "resumed", "--trainer.max_epochs", "3", "--ckpt_path", "last", *REF_EXTRA)
+    assert again == first, "resume continues in the same run directory"
+    for i in range(3):
+        name = f"train_iter_{i:03d}.json"
+        assert without_times(load(again / "metrics" / name)) == without_times(load(reference_run / "metrics" / name)), name
+    assert load(again / "metrics" / "train_iter_002.json")["sync/reason"] == "iteration"
+    for name in ("eval_baseline.json", "eval_iter_001.json", "eval_iter_002.json"):
+        assert without_times(load(again / "metrics" / name)) == without_times(load(reference_run / "metrics" / name)), name
+
+
+def test_other_seed_gives_other_rollouts(reference_run: Path, tmp_path: Path) -> None:
+    other = fit(tmp_path, "seed1", "--trainer.max_epochs", "1", "--seed_everything", "1",
+                "--data.eval.baseline", "false")
+    a = load(reference_run / "metrics" / "train_iter_000.json")
+    b = load(other / "metrics" / "train_iter_000.json")
+    assert a["problem_seeds"] == b["problem_seeds"]  # the problems follow the iteration rule
+    assert a["completion_tokens_mean"] != b["completion_tokens_mean"] or a["reward/reward_mean"] != b["reward/reward_mean"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nothing to resume"):
+        fit(tmp_path, "empty", "--ckpt_path", "last")
+
+
+def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path: Path) -> None:
+    """Two ranks train one iteration: their weights stay identical and equal a single-process
+    run on the same rollouts (the loss normalisation accounts for the ranks)."""
+    common = ["--trainer.max_epochs", "1", "--data.eval.num_problems", "0"]
+    single = fit(tmp_path, "single", *common)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", CONFIG, *TINY, *common,
+           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "ddp",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--trainer.accelerator", "cpu", "--trainer.callbacks+=ddp_probe.WeightDigest"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp" / "version_0"
+    d0 = (run / "digest_rank0.txt").read_text()
+    d1 = (run / "digest_rank1.txt").read_text()
+    assert d0 == d1
+    m = load(run / "metrics" / "train_iter_000.json")
+    ref = load(single / "metrics" / "train_iter_000.json")
+    assert m["problem_seeds"] == ref["problem_seeds"]
+    assert m["reward/reward_mean"] == ref["reward/reward_mean"]
+    assert m["train/tokens"] == ref["train/tokens"]
+    assert m["train/optimizer_steps"] == ref["train/optimizer_steps"] >= 1
+    ddp_w = load_file(run / "checkpoints" / "iter_000" / "model.safetensors")
+    one_w = load_file(single / "checkpoints" / "iter_000" / "model.safetensors")
+    base = load_file(Path(resolve_model_path("tiny-sat")) / "model.safetensors")
+    assert max((ddp_w[k] - base[k]).abs().max().item() for k in base) > 1e-4  # it trained
+    assert max((ddp_w[k] - one_w[k]).abs().max().item() for k in one_w) < 1e-5
