@@ -149,12 +149,10 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in EXTRA_SUBCOMMANDS:
-        module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]][0])
-        return int(module.main(args[1:]) or 0)
-    GRPOCLI(
+def build_cli(args: list[str] | None, run: bool = True, **parser_kwargs: Any) -> GRPOCLI:
+    """The LightningCLI of ``fit``/``validate``; ``run=False`` parses and instantiates only
+    (no model loads, no server starts), which is how ``sweep`` validates its runs."""
+    return GRPOCLI(
         GRPOModule,
         RolloutDataModule,
         trainer_class=GRPOTrainer,
@@ -162,7 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION, "default_env": False},
-        args=None if argv is None else args,
+        parser_kwargs={"description": DESCRIPTION, "default_env": False, **parser_kwargs},
+        args=args,
+        run=run,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_SUBCOMMANDS:
+        module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]][0])
+        return int(module.main(args[1:]) or 0)
+    build_cli(None if argv is None else args)
     return 0

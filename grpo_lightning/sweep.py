@@ -172,22 +172,10 @@ def build_cli(args: list[str]) -> Any:
     Mirrors ``cli.main``: unknown keys and wrong types fail in the parser, out-of-range values
     in ``GRPOModule`` / ``RolloutDataModule.__init__``; no model is loaded (that happens in
     ``configure_model``) and no server starts (``setup``)."""
-    from .cli import DESCRIPTION, GRPOCLI, GRPOTrainer, trainer_defaults
-    from .data import RolloutDataModule
-    from .module import GRPOModule
+    from .cli import build_cli as cli
 
-    with quiet():  # after the imports: Lightning sets its loggers' levels when first imported
-        return GRPOCLI(
-            GRPOModule,
-            RolloutDataModule,
-            trainer_class=GRPOTrainer,
-            trainer_defaults=trainer_defaults(),
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            parser_kwargs={"description": DESCRIPTION, "default_env": False, "exit_on_error": False},
-            args=args,
-            run=False,
-        )
+    with quiet():  # after the import: Lightning sets its loggers' levels when first imported
+        return cli(args, run=False, exit_on_error=False)
 
 
 @contextlib.contextmanager

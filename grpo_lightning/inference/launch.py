@@ -179,7 +179,7 @@ def server_env(config: ServerConfig) -> dict[str, str]:
     """Environment additions for the server process."""
     env: dict[str, str] = {}
     if config.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(config.gpu)
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(config.gpu)
     if config.backend == "builtin" and config.api_key:
         env["GRPO_LIGHTNING_API_KEY"] = config.api_key  # kept off the command line (ps)
     if config.backend == "vllm":
@@ -190,6 +190,17 @@ def server_env(config: ServerConfig) -> dict[str, str]:
             env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(config.env)
     return env
+
+
+def physical_gpu(index: int) -> str:
+    """The device id of the ``index``-th GPU this process sees (``CUDA_VISIBLE_DEVICES`` counts
+    from the machine's GPUs, so a server started by a pinned trainer must be mapped through it)."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ValueError(f"data.server.gpu={index} but only {len(visible)} GPUs are visible ({','.join(visible)})")
+    return visible[index]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
