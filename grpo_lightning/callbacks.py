@@ -4,7 +4,8 @@ The order inside one epoch (= iteration ``i``) does not depend on the order of t
 rollouts are generated when the epoch's dataloader is built; the last micro-batch's
 ``on_train_batch_end`` pushes the new weights to the server; ``on_train_epoch_end`` then
 evaluates (with the new weights), writes ``metrics/train_iter_{i}.json`` and the HF
-checkpoint; Lightning's ModelCheckpoint writes ``checkpoints/last.ckpt`` last.
+checkpoint; ``IterationCheckpoint`` writes ``checkpoints/last.ckpt`` last (and once before the
+first iteration), so a run killed at any point resumes losing at most the iteration in progress.
 
 TensorBoard steps count policy updates: rollouts and losses of iteration ``i`` come from the
 policy after ``i`` iterations (step ``i``); the evaluation after iteration ``i`` is step
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -24,12 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from .data import RolloutDataModule
 from .inference.launch import sync_weights
-from .module import GRPOModule
+from .module import GRPOModule, NonFiniteError
 from .rollouts import Rollout
 
 
@@ -50,7 +53,27 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` (a file or a folder of files) to ``target`` once its bytes are on disk.
+
+    The rename alone survives a killed process; the fsyncs also survive a power cut, after
+    which a renamed but never flushed file could otherwise be empty.
+    """
+    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
 
 
 def _json_default(x: Any) -> Any:
@@ -75,7 +98,7 @@ def save_hf_atomic(module: GRPOModule, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-    os.replace(tmp, target)
+    replace_durably(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -135,6 +158,8 @@ class WeightSyncCallback(pl.Callback):
             save_s = time.perf_counter() - t0
             assert dm.server is not None
             report = sync_weights(dm.server, folder, probe=pl_module.probe_logprobs if self.verify else None)
+            if report.method == "restart" and dm.server_config.sync != "restart":
+                dm.server_restarts += 1  # the server failed the in-place update: it was restarted on the weights
             self.last_report = {
                 "time/sync_s": save_s + report.seconds,
                 "time/sync_save_s": save_s,
@@ -204,6 +229,7 @@ class MetricsFileCallback(pl.Callback):
         i = trainer.current_epoch
         sync = next((cb.last_report for cb in trainer.callbacks if isinstance(cb, WeightSyncCallback)), {})
         stats = {k: v for k, v in dm.last_stats.items() if k != "problem_seeds"}
+        stats["server/restarts"] = dm.server_restarts
         payload = {"iteration": i, **_clean(stats), **_clean(metrics), **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
         write_json_atomic(run_dir(trainer) / "metrics" / f"train_iter_{i:03d}.json", payload)
         _log_scalars(trainer, {**stats, **metrics, **{k: v for k, v in sync.items() if k.startswith("time/")}}, step=i)
@@ -247,6 +273,17 @@ class HFCheckpointCallback(pl.Callback):
             self.prune(folder)
         trainer.strategy.barrier("hf_checkpoint")
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not (isinstance(exception, NonFiniteError) and trainer.is_global_zero):
+            return
+        assert isinstance(pl_module, GRPOModule)
+        folder = run_dir(trainer) / "checkpoints"
+        if pl_module.policy is not None and all(torch.isfinite(p).all() for p in pl_module.policy.parameters()):
+            # A skipped step never touches the weights: these are the weights after the last good step.
+            exception.saved_to.append(str(save_hf_atomic(pl_module, folder / "last_good")))
+        if (folder / "last.ckpt").is_file():
+            exception.saved_to.append(f"{folder / 'last.ckpt'} (last completed iteration: resume with --ckpt_path last)")
+
     def prune(self, folder: Path) -> None:
         if self.keep_last == 0:
             return
@@ -259,11 +296,45 @@ def iteration_dirs(folder: Path) -> list[Path]:
     return [p for p in folder.glob("iter_*") if p.is_dir() and p.name.split("_")[1].isdigit()]
 
 
+class IterationCheckpoint(Checkpoint):
+    """``checkpoints/last.ckpt``, the resumable state: written after every iteration and once
+    before the first, so that ``--ckpt_path last`` resumes a run killed at any point after its
+    baseline evaluation and loses at most the iteration in progress.
+
+    (Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes ``last`` only when
+    training ends: a crash would lose the whole run.)
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checkpoint callbacks run last: this follows the baseline evaluation and precedes the
+        # first rollouts (Lightning builds the first dataloader before ``on_train_start``).
+        if trainer.ckpt_path is None:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(run_dir(trainer) / "checkpoints" / "last.ckpt", weights_only=False)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written under a temporary name and renamed into place."""
+    """Lightning checkpoints written under a temporary name and renamed into place, and read
+    back with ``weights_only=True`` (tensors and plain values: unpickling runs no code)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         target = Path(path)
+        # A temporary name of our own: a kill mid-write leaves an orphan ``.tmp`` that nothing
+        # reads (resume looks for ``last.ckpt``) and the next save overwrites.
         tmp = target.with_name(target.name + ".tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, target)
+        replace_durably(tmp, target)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(
+                path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only
+            )
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({first})") from exc

@@ -10,21 +10,22 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import (
     AtomicCheckpointIO,
     EvaluationCallback,
     HFCheckpointCallback,
+    IterationCheckpoint,
     MetricsFileCallback,
     WeightSyncCallback,
     run_dir,
@@ -32,12 +33,19 @@ from .callbacks import (
     write_json_atomic,
 )
 from .data import RolloutDataModule
-from .module import GRPOModule
+from .inference.client import GenerationError, ServerUnavailable
+from .inference.weight_sync import WeightSyncError
+from .module import GRPOModule, NonFiniteError
 
 EXTRA_SUBCOMMANDS = {
     "serve": ("grpo_lightning.inference.server", "Run the built-in OpenAI-compatible inference server."),
     "sweep": ("grpo_lightning.sweep", "Run a grid or random hyperparameter sweep of fit runs."),
 }
+
+# Failures we name ourselves: the message says what happened, a traceback would bury it.
+# GRPO_LIGHTNING_DEBUG=1 lets them propagate with their traceback.
+KNOWN_ERRORS = (ServerUnavailable, GenerationError, WeightSyncError, NonFiniteError, ValueError)
+DEBUG_ENV = "GRPO_LIGHTNING_DEBUG"
 
 DESCRIPTION = """grpo-lightning: offline GRPO training on verifiable tasks.
 
@@ -144,7 +152,7 @@ def trainer_defaults() -> dict[str, Any]:
         "callbacks": [
             EvaluationCallback(),
             MetricsFileCallback(),
-            ModelCheckpoint(save_last=True, save_top_k=0, every_n_epochs=1),
+            IterationCheckpoint(),
         ],
     }
 
@@ -167,9 +175,28 @@ def build_cli(args: list[str] | None, run: bool = True, **parser_kwargs: Any) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; returns the exit code: 0, 1 (a run failed) or 2 (bad command line or config).
+
+    Known failures print one line, ``error: <what happened>``, on stderr.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in EXTRA_SUBCOMMANDS:
         module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]][0])
         return int(module.main(args[1:]) or 0)
-    build_cli(None if argv is None else args)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        build_cli(None if argv is None else args, exit_on_error=False)
+    except ArgumentError as exc:
+        if debug:
+            raise
+        return _fail(f"{exc} (see --help)", code=2)
+    except KNOWN_ERRORS as exc:
+        if debug:
+            raise
+        return _fail(str(exc), code=1)
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return code

@@ -5,10 +5,16 @@ environment. ``train_dataloader`` is called once per epoch (``reload_dataloaders
 it generates the iteration's rollouts with the weights the server serves now, scores them,
 computes advantages and returns the iteration's micro-batches. ``evaluate`` scores the fixed
 eval set for the evaluation callback.
+
+A launched server that crashes or hangs during generation is restarted on the weights it served
+and the round is sent again (``server/restarts`` counts it); an attached server lost for longer
+than the retry budget stops the run with ``ServerUnavailable`` (``checkpoints/last.ckpt`` holds
+the last completed iteration: ``--ckpt_path last`` resumes from there).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -16,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader
 
 from .envs import Environment, make_env
-from .inference.client import RolloutClient, SamplingParams
+from .inference.client import RetriesExhausted, RolloutClient, SamplingParams, ServerUnavailable
 from .inference.launch import ManagedServer, ServerConfig
 from .metrics import group_summary, zero_std_fraction
 from .models import load_tokenizer, stop_token_ids
@@ -156,6 +162,8 @@ class RolloutDataModule(pl.LightningDataModule):
         self.last_stats: dict[str, Any] = {}
         self.last_rollouts: list[Rollout] = []
         self.run_dir: Path | None = None
+        self.server_restarts = 0
+        """Restarts of a crashed or hung launched server since this process started."""
 
     def _validate(self) -> None:
         checks = {
@@ -163,7 +171,7 @@ class RolloutDataModule(pl.LightningDataModule):
             "rollouts_per_problem": self.rollouts_per_problem >= 2,
             "num_train_seeds": self.num_train_seeds >= 1,
             "max_tokens": self.max_tokens >= 1,
-            "temperature": self.temperature > 0,
+            "temperature": 0 < self.temperature < math.inf,
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= 0,
             "advantage_eps": self.advantage_eps >= 0,
@@ -171,11 +179,13 @@ class RolloutDataModule(pl.LightningDataModule):
             "eval.num_problems": self.eval_config.num_problems >= 0,
             "eval.replicates": self.eval_config.replicates >= 1,
             "eval.interval": self.eval_config.interval >= 1,
-            "eval.temperature": self.eval_config.temperature is None or self.eval_config.temperature > 0,
+            "eval.temperature": self.eval_config.temperature is None or 0 < self.eval_config.temperature < math.inf,
+            "eval.num_samples_logged": self.eval_config.num_samples_logged >= 0,
             "num_iterations": self.num_iterations >= 1,
             "steps_per_iteration": self.steps_per_iteration >= 1,
             "micro_batch_size": self.micro_batch_size >= 1,
             "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+            **_server_checks(self.server_config),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -191,6 +201,8 @@ class RolloutDataModule(pl.LightningDataModule):
     def _value(self, key: str) -> Any:
         if key.startswith("eval."):
             return getattr(self.eval_config, key[5:])
+        if key.startswith("server."):
+            return getattr(self.server_config, key[7:])
         return getattr(self, key)
 
     def make_env(self) -> Environment:
@@ -229,6 +241,10 @@ class RolloutDataModule(pl.LightningDataModule):
             self.server = None
             self.client = None
 
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning skips ``teardown`` when fit fails; a launched server must not outlive the run.
+        self.teardown("fit")
+
     # ------------------------------------------------------------------ rollouts
 
     def sampling_params(self, temperature: float | None = None) -> SamplingParams:
@@ -250,14 +266,45 @@ class RolloutDataModule(pl.LightningDataModule):
         p, n = self.problems_per_iteration, len(self.train_seeds)
         return [self.train_seeds[(iteration * p + j) % n] for j in range(p)]
 
+    def _generate(self, gen: RolloutGenerator, seeds: list[int], n: int, seed_tag: str, description: str) -> list[list[Rollout]]:
+        """``gen.generate`` that survives a launched server crashing or hanging: once the client's
+        retry budget is spent, the server is restarted on the weights it served and the round's
+        requests are sent again (same sampling seeds, so the same rollouts). An attached server
+        lost for longer than the retry budget stops the run with ``ServerUnavailable``."""
+        server, cfg = self.server, self.server_config
+        assert server is not None
+        failures = 0
+        while True:
+            try:
+                with _progress(description, len(seeds)) as advance:
+                    return gen.generate(seeds, n, seed_tag=seed_tag, on_done=advance)
+            except RetriesExhausted as exc:
+                budget = f"data.server.max_retries={cfg.max_retries}, backoff={cfg.backoff:g}s"
+                if not server.managed:
+                    raise ServerUnavailable(
+                        f"lost the inference server {', '.join(server.urls)} for longer than the retry budget "
+                        f"({budget}): {exc}; the last completed iteration is in checkpoints/last.ckpt: "
+                        "resume with --ckpt_path last once the server answers again"
+                    ) from exc
+                failures += 1
+                if failures > cfg.max_restarts:
+                    raise ServerUnavailable(
+                        f"the inference server at {server.urls[0]} kept failing after {failures - 1} restarts "
+                        f"(data.server.max_restarts={cfg.max_restarts}): {exc}"
+                    ) from exc
+                weights = server.served_weights or server.model
+                rank_zero_warn(f"{description}: the inference server failed ({exc}); restarting it on {weights}")
+                seconds = server.recover()
+                self.server_restarts += 1
+                rank_zero_info(f"inference server restarted on {weights} in {seconds:.1f}s; sending the requests again")
+
     def generate_iteration(self, iteration: int) -> tuple[list[list[Rollout]], dict[str, Any]]:
         """Generate, score and (optionally) filter the groups of one iteration."""
         gen = self.generator()
         g = self.rollouts_per_problem
         seeds = self.iteration_seeds(iteration)
         t0 = time.perf_counter()
-        with _progress(f"iteration {iteration}: generating", len(seeds)) as advance:
-            groups = gen.generate(seeds, g, seed_tag=f"{self.seed}:train:{iteration}", on_done=advance)
+        groups = self._generate(gen, seeds, g, f"{self.seed}:train:{iteration}", f"iteration {iteration}: generating")
         all_groups = list(groups)
         rounds = 0
         if self.dynamic_sampling:
@@ -271,8 +318,9 @@ class RolloutDataModule(pl.LightningDataModule):
                 rng = random.Random(sampling_seed(self.seed, "dynamic", iteration, rounds))
                 extra = rng.sample(pool, min(len(pool), len(seeds) - len(kept)))
                 used.update(extra)
-                with _progress(f"iteration {iteration}: refilling (round {rounds})", len(extra)) as advance:
-                    new = gen.generate(extra, g, seed_tag=f"{self.seed}:train:{iteration}:{rounds}", on_done=advance)
+                new = self._generate(
+                    gen, extra, g, f"{self.seed}:train:{iteration}:{rounds}", f"iteration {iteration}: refilling (round {rounds})"
+                )
                 all_groups += new
                 kept += [grp for grp in new if len({r.reward for r in grp}) > 1]
             groups = kept[: len(seeds)]
@@ -286,6 +334,7 @@ class RolloutDataModule(pl.LightningDataModule):
             **{f"reward/{k}": v for k, v in group_summary(rewards, successes, ks=()).items()},
             **{f"reward_component/{c}": sum(r.components[c] for r in flat) / max(1, len(flat)) for c in comp_names},
             "frac_reward_zero_std": zero_std_fraction(rewards),
+            "reward/nonfinite": len(gen.nonfinite_rewards),
             "completion_tokens_mean": sum(len(r.completion_ids) for r in flat) / max(1, len(flat)),
             "completion_tokens_max": max((len(r.completion_ids) for r in flat), default=0),
             "prompt_tokens_mean": sum(len(r.prompt_ids) for r in flat) / max(1, len(flat)),
@@ -301,12 +350,25 @@ class RolloutDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         iteration = trainer.current_epoch if trainer is not None else 0
-        payload = None
+        if trainer is not None and trainer.max_epochs is not None and trainer.fit_loop.epoch_progress.current.processed >= trainer.max_epochs:
+            # Resuming a finished run: Lightning asks for data before it sees there is nothing
+            # left to do; an empty loader ends the fit instead of generating an iteration for nothing.
+            empty = MicroBatchDataset(RolloutDataset([]), [], pad_id=0)
+            return DataLoader(empty, batch_size=None, shuffle=False, num_workers=0)
+        payload: Any = None
+        distributed = trainer is not None and trainer.world_size > 1
         if trainer is None or trainer.is_global_zero:
-            groups, stats = self.generate_iteration(iteration)
-            payload = ([r for grp in groups for r in grp], stats)
-        if trainer is not None and trainer.world_size > 1:
+            try:
+                groups, stats = self.generate_iteration(iteration)
+                payload = ([r for grp in groups for r in grp], stats)
+            except Exception as exc:
+                if not distributed:
+                    raise
+                payload = exc  # the other ranks wait in the broadcast: send them the failure
+        if distributed:
             payload = trainer.strategy.broadcast(payload, src=0)
+        if isinstance(payload, Exception):
+            raise payload
         rollouts, stats = payload
         self.last_rollouts, self.last_stats = rollouts, stats
         dataset = RolloutDataset(rollouts)
@@ -330,8 +392,7 @@ class RolloutDataModule(pl.LightningDataModule):
         cfg = self.eval_config
         gen = self.generator(cfg.temperature)
         t0 = time.perf_counter()
-        with _progress("evaluating", len(self.eval_seeds)) as advance:
-            groups = gen.generate(self.eval_seeds, cfg.replicates, seed_tag=f"{self.seed}:eval", on_done=advance)
+        groups = self._generate(gen, self.eval_seeds, cfg.replicates, f"{self.seed}:eval", "evaluating")
         ks = sorted({1, cfg.replicates} | ({k for k in (2, 4, 8, 16) if k < cfg.replicates}))
         metrics = group_summary(
             [[r.reward for r in g] for g in groups], [[r.success for r in g] for g in groups], ks=ks
@@ -346,6 +407,23 @@ class RolloutDataModule(pl.LightningDataModule):
             "eval_seeds": self.eval_seeds,
             "eval": asdict(self.eval_config),
         }
+
+
+def _server_checks(c: ServerConfig) -> dict[str, bool]:
+    return {
+        "server.startup_timeout": 0 < c.startup_timeout < math.inf,
+        "server.request_timeout": 0 < c.request_timeout < math.inf,
+        "server.stop_timeout": 0 < c.stop_timeout < math.inf,
+        "server.max_retries": c.max_retries >= 0,
+        "server.backoff": 0 <= c.backoff < math.inf,
+        "server.max_restarts": c.max_restarts >= 0,
+        "server.max_concurrency": c.max_concurrency >= 1,
+        "server.max_num_seqs": c.max_num_seqs >= 1,
+        "server.port": c.port is None or 0 < c.port < 65536,
+        "server.gpu_memory_utilization": 0 < c.gpu_memory_utilization <= 1,
+        "server.verify_tolerance": c.verify_tolerance >= 0,
+        "server.max_model_len": c.max_model_len is None or c.max_model_len >= 1,
+    }
 
 
 def _accepted_seeds(env: Environment, start: int, count: int, max_scan: int = 1_000_000) -> list[int]:

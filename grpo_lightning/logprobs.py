@@ -23,6 +23,7 @@ fake trainer/server mismatch in the importance ratios).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "entropy_from_logits",
     "selective_log_softmax",
+    "shared_prompt_token_logprobs",
     "sequence_token_logprobs",
     "token_logprobs",
 ]
@@ -305,4 +307,70 @@ def sequence_token_logprobs(
     ent = None
     if sel_ent is not None:
         ent = sel_ent.new_zeros(b, t - 1).masked_scatter(loss_positions, sel_ent)
+    return logp, ent
+
+
+def shared_prompt_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_index: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    loss_positions: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probabilities of completions that share prompts, running each prompt once.
+
+    A GRPO group is G completions of one prompt, and prompts are often far longer than the
+    answers: instead of G forward/backward passes over the same prompt, the prompt runs once,
+    its key/value cache is repeated for its completions, and the completions run on top of it.
+    Gradients flow back through the shared cache, so values and gradients equal those of
+    :func:`sequence_token_logprobs` on the concatenated sequences (to float rounding).
+
+    Args:
+        prompt_ids: ``[U, Lp]`` the distinct prompts, right-padded.
+        prompt_mask: ``[U, Lp]`` 1 for prompt tokens, 0 for padding.
+        completion_ids: ``[B, Lc]`` completions, right-padded.
+        completion_mask: ``[B, Lc]`` 1 for completion tokens.
+        group_index: ``[B]`` the prompt (row of ``prompt_ids``) of each completion.
+        loss_positions: ``[B, Lc]`` bool, the completion tokens whose log-probability is
+            wanted (default: ``completion_mask``).
+        temperature, chunk_size, with_entropy: as in :func:`token_logprobs`.
+
+    Returns:
+        ``(logp[B, Lc], entropy[B, Lc] or None)``: position ``j`` is
+        ``log p(completion[j] | prompt, completion[:j])``; 0.0 outside ``loss_positions``.
+    """
+    from transformers import DynamicCache
+
+    b, lc = completion_ids.shape
+    if loss_positions is None:
+        loss_positions = completion_mask.bool()
+    loss_positions = loss_positions.bool()
+    decoder, weight = _decoder_and_head(model)
+    # transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field).
+    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    prompt_hidden = out.last_hidden_state
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate((layer.keys, layer.values) for layer in out[cache_kw].layers):
+        cache.update(keys.index_select(0, group_index), values.index_select(0, group_index), layer)
+    prompt_lens = prompt_mask.sum(1)[group_index]
+    # Positions continue each prompt's real length; the prompt's padding columns are masked.
+    positions = prompt_lens[:, None] + torch.arange(lc, device=completion_ids.device)[None]
+    mask = torch.cat([prompt_mask.index_select(0, group_index), completion_mask], dim=1)
+    c_out = decoder(
+        input_ids=completion_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}
+    )
+    # Token j is predicted from the state before it: the prompt's last state for j = 0.
+    last_prompt = prompt_hidden[group_index, prompt_lens - 1]
+    hidden = torch.cat([last_prompt[:, None], c_out.last_hidden_state[:, :-1]], dim=1)
+    sel_logp, sel_ent = token_logprobs(
+        hidden[loss_positions], weight, completion_ids[loss_positions], temperature, chunk_size, with_entropy
+    )
+    logp = sel_logp.new_zeros(b, lc).masked_scatter(loss_positions, sel_logp)
+    ent = sel_ent.new_zeros(b, lc).masked_scatter(loss_positions, sel_ent) if sel_ent is not None else None
     return logp, ent

@@ -23,7 +23,16 @@ from .models import load_policy, load_tokenizer
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+    """Too many consecutive optimizer steps had a non-finite loss or gradient, or the weights
+    themselves became non-finite. ``saved_to`` lists where the last good weights were saved."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.saved_to: list[str] = []
+
+    def __str__(self) -> str:
+        saved = f"; last good weights: {', '.join(self.saved_to)}" if self.saved_to else ""
+        return super().__str__() + saved
 
 
 class GRPOModule(pl.LightningModule):
@@ -137,10 +146,10 @@ class GRPOModule(pl.LightningModule):
     def _validate(self) -> None:
         h = self.hparams
         checks = {
-            "lr": h.lr > 0,
+            "lr": 0 < h.lr < math.inf,
             "betas": all(0 <= b < 1 for b in h.betas),
             "weight_decay": h.weight_decay >= 0,
-            "max_grad_norm": h.max_grad_norm > 0,
+            "max_grad_norm": 0 < h.max_grad_norm < math.inf,
             "warmup_steps": h.warmup_steps >= 0,
             "min_lr_ratio": 0 <= h.min_lr_ratio <= 1,
             "epsilon_low": 0 <= h.epsilon_low < 1,
@@ -154,7 +163,7 @@ class GRPOModule(pl.LightningModule):
             "max_tokens_per_micro_batch": h.max_tokens_per_micro_batch is None or h.max_tokens_per_micro_batch >= 1,
             "logprob_chunk_size": h.logprob_chunk_size >= 1,
             "max_consecutive_nonfinite": h.max_consecutive_nonfinite >= 1,
-            "temperature": h.temperature > 0,
+            "temperature": 0 < h.temperature < math.inf,
             "max_completion_length": h.max_completion_length >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -274,11 +283,10 @@ class GRPOModule(pl.LightningModule):
         )
         loss = out.loss
         if not torch.isfinite(loss):
-            # Skip the backward: a NaN would poison every accumulated gradient of the step.
             self._nonfinite_in_step = True
-            loss = loss.detach()
-        else:
-            self.manual_backward(loss)
+        # Backward even a non-finite loss: under DDP every rank must join every gradient
+        # all-reduce or the ranks deadlock. The step is skipped below, its gradients discarded.
+        self.manual_backward(loss)
         self._stats.append({k: Stat(v.value.detach().cpu(), v.count.detach().cpu(), v.reduce) for k, v in out.stats.items()})
         if batch["step_end"]:
             self._optimizer_step(opt)
@@ -291,7 +299,12 @@ class GRPOModule(pl.LightningModule):
     def _optimizer_step(self, opt: Any) -> None:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
-        finite = bool(torch.isfinite(grad_norm)) and not self._nonfinite_in_step
+        bad_loss = torch.tensor(float(self._nonfinite_in_step), device=self.device)
+        if self.trainer.world_size > 1:
+            # Gradients are all-reduced, so every rank sees the same norm; a non-finite loss is
+            # local: every rank must skip the same steps or their weights drift apart.
+            bad_loss = self.trainer.strategy.reduce(bad_loss, reduce_op="sum")
+        finite = bool(torch.isfinite(grad_norm)) and not bool(bad_loss > 0)
         self._step_stats["lr"].append(float(opt.param_groups[0]["lr"]))
         self._step_stats["steps"].append(1.0)
         if finite:
@@ -313,9 +326,14 @@ class GRPOModule(pl.LightningModule):
         if self._consecutive_nonfinite >= self.hparams.max_consecutive_nonfinite:
             raise NonFiniteError(
                 f"{self._consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
-                f"(model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}); the last good "
-                "weights are in checkpoints/last.ckpt"
+                f"(model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}); the run stopped"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never replace the last good checkpoint with weights that cannot be trained on.
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(f"the policy has non-finite weights ({', '.join(bad[:3])}); refusing to checkpoint them")
 
     def iteration_summary(self) -> dict[str, float]:
         """This iteration's training metrics, combined over micro-batches and ranks.

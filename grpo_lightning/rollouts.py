@@ -9,6 +9,8 @@ seeds -> ``env.reset`` -> prompt ids -> client -> completion ids + behaviour log
 from __future__ import annotations
 
 import hashlib
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -69,6 +71,8 @@ class RolloutGenerator:
         self.env_factory = env_factory
         self.params = params
         self._prompts: dict[int, list[int]] = {}
+        self.nonfinite_rewards: list[tuple[int, int]] = []
+        """(problem seed, replicate) of completions whose reward was NaN or infinite."""
 
     def prompt_ids(self, seed: int) -> list[int]:
         if seed not in self._prompts:
@@ -92,7 +96,17 @@ class RolloutGenerator:
             for s in seeds
         ]
         results = self.client.generate(requests, on_done=on_done)
-        return [self.score(seed, completions) for seed, completions in zip(seeds, results, strict=True)]
+        seen = len(self.nonfinite_rewards)
+        groups = [self.score(seed, completions) for seed, completions in zip(seeds, results, strict=True)]
+        bad = self.nonfinite_rewards[seen:]
+        if bad:
+            shown = ", ".join(f"seed {s} replicate {i}" for s, i in bad[:5])
+            warnings.warn(
+                f"environment {self.env_factory().name!r} returned a NaN or infinite reward for {len(bad)} "
+                f"completions ({shown}{', ...' if len(bad) > 5 else ''}); scored as its minimum reward",
+                stacklevel=2,
+            )
+        return groups
 
     def score(self, seed: int, completions: Sequence[Completion]) -> list[Rollout]:
         env = self.env_factory()
@@ -100,6 +114,19 @@ class RolloutGenerator:
         group = []
         for i, c in enumerate(completions):
             result = env.step(c.text)
+            reward, components, success = float(result.reward), dict(result.components), bool(result.success)
+            if not math.isfinite(reward):
+                # A bug in a reward function must not poison the group's advantages (and every
+                # gradient with them): the completion scores as the worst possible answer.
+                lowest = float(env.reward_bounds[0])
+                if not math.isfinite(lowest):
+                    raise ValueError(
+                        f"environment {env.name!r} returned reward {reward} for problem seed {seed} "
+                        f"(replicate {i}) and declares no finite minimum reward in reward_bounds"
+                    )
+                self.nonfinite_rewards.append((seed, i))
+                reward, success = lowest, False
+                components = {k: 0.0 for k in components}
             group.append(
                 Rollout(
                     problem_seed=seed,
@@ -109,9 +136,9 @@ class RolloutGenerator:
                     behaviour_logprobs=list(c.logprobs),
                     finish_reason=c.finish_reason,
                     text=c.text,
-                    reward=result.reward,
-                    components=dict(result.components),
-                    success=result.success,
+                    reward=reward,
+                    components=components,
+                    success=success,
                 )
             )
         return group

@@ -3,15 +3,20 @@
 It exists so that the CPU demo (``configs/sat_tiny.yaml``) can visibly learn SAT in minutes.
 Design (see README "The tiny-sat preset"):
 
-* Tokenizer: byte-level BPE (every string round-trips) whose merges are written here, not
-  trained, so that each piece of the SAT prompt is one token: a literal such as ``NOT x12``,
-  `` OR ``, the answer tags (added tokens, not special, so decoding keeps them), each answer
-  bit with its separating space, and the words of the fixed prompt. A purely
-  character-level tokenizer makes a 10-clause prompt ~300 tokens; this one ~100.
-* Model: Qwen2 architecture from a fixed seed, a few hundred thousand parameters.
+* Tokenizer: byte-level BPE (every string round-trips) with Qwen2's pre-tokenizer and merges
+  written here, not trained. SAT pieces are single tokens (added tokens, not special, so
+  decoding keeps them): a literal such as ``NOT x12``, `` OR ``, the answer tags, and
+  *positional answer bits*: the model writes bit k of its answer after k spaces
+  (``<SOLUTION>1 0  1   1</SOLUTION>``, well formed since whitespace is free in an answer), so
+  the token it emits names the variable it assigns. A 10-clause prompt is ~110 tokens.
+* Model: Qwen2 architecture from a fixed seed, under a million parameters.
 * Cold start: a short supervised phase on the answer *format* only: the tags around n
-  uniformly random bits, then EOS. It never sees a solver's solution, so the baseline
-  success stays at chance; GRPO has to learn to read the clauses.
+  uniformly random bits, then EOS. It never sees a solver's solution or any heuristic, so the
+  baseline success stays at chance; GRPO has to learn to read the clauses.
+
+Why positional bits: with plain ``0 1 1`` answers the bit tokens are the same at every position,
+and a tiny model must first learn to count to know which variable it is on; in our
+measurements GRPO then moved the eval success rate by less than 0.05 in 150 iterations.
 
 Build it with ``python -m grpo_lightning.models tiny-sat`` or let any command resolve the name.
 """
@@ -27,11 +32,12 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .envs.sat import CLOSE_TAG, OPEN_TAG, SYSTEM_PROMPT, SATEnv, format_answer
+from .envs.sat import CLOSE_TAG, OPEN_TAG, SYSTEM_PROMPT, SATEnv
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
+MAX_VARS = 20  # literal and answer-position tokens exist up to here; n is at most 15
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -46,7 +52,7 @@ class TinySatRecipe:
 
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 4
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 512
@@ -55,10 +61,7 @@ class TinySatRecipe:
     cold_start_batch_size: int = 32
     cold_start_lr: float = 3e-3
     cold_start_seed_start: int = 1_000_000_000
-    cold_start_format: str = "answer"
-    """``answer``: the tags around n random bits. ``scratchpad``: first a working line
-    ``x1=b1 x2=b2 ... `` then the same bits in the tags. Either way the bits are random."""
-    version: int = 1
+    version: int = 2
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -74,8 +77,11 @@ QWEN2_SPLIT = (
 
 def _atomic_pieces() -> list[str]:
     """SAT strings that become one token each (added tokens, matched before pre-tokenizing)."""
-    literals = [f"x{i}" for i in range(1, 21)] + [f"NOT x{i}" for i in range(1, 21)]
-    return [OPEN_TAG, CLOSE_TAG, " 0", " 1", " OR ", "=0 ", "=1 ", *literals]
+    literals = [f"x{i}" for i in range(1, MAX_VARS + 1)] + [f"NOT x{i}" for i in range(1, MAX_VARS + 1)]
+    # Bit k of an answer is written after k spaces (k = 0, 1, ...): whitespace is free in the
+    # answer, and a token per position tells the model which variable it is assigning.
+    positional_bits = [" " * k + b for k in range(1, MAX_VARS) for b in "01"]
+    return [OPEN_TAG, CLOSE_TAG, " OR ", *positional_bits, *literals]
 
 
 def _template_texts() -> list[str]:
@@ -144,14 +150,14 @@ def _hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def cold_start_completion(bits: list[int], fmt: str) -> str:
-    """The cold-start target for random ``bits``: format only, never a solution."""
-    scratch = "".join(f"x{i}={b} " for i, b in enumerate(bits, 1)) if fmt == "scratchpad" else ""
-    return scratch + format_answer(bits) + EOS_TOKEN
+def positional_answer(bits: list[int]) -> str:
+    """The tiny model's way of writing an answer: bit k after k spaces (still well formed:
+    the reward counts 0/1 characters and allows any whitespace between them)."""
+    return OPEN_TAG + "".join(" " * k + str(b) for k, b in enumerate(bits)) + CLOSE_TAG
 
 
 def _cold_start(model, hf_tok, recipe: TinySatRecipe) -> None:
-    """Supervised steps on the answer format: tags around n random bits, then EOS."""
+    """Supervised steps on the answer format: tags around n random positional bits, then EOS."""
     rng = random.Random(recipe.init_seed)
     env = SATEnv()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.cold_start_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -168,7 +174,7 @@ def _cold_start(model, hf_tok, recipe: TinySatRecipe) -> None:
             prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             bits = [rng.randint(0, 1) for _ in range(env.problem.num_vars)]
             p_ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = hf_tok(cold_start_completion(bits, recipe.cold_start_format), add_special_tokens=False)["input_ids"]
+            c_ids = hf_tok(positional_answer(bits) + EOS_TOKEN, add_special_tokens=False)["input_ids"]
             seqs.append(p_ids + c_ids)
             masks.append([0] * len(p_ids) + [1] * len(c_ids))
         width = max(map(len, seqs))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo_lightning.logprobs import (
     entropy_from_logits,
     selective_log_softmax,
     sequence_token_logprobs,
+    shared_prompt_token_logprobs,
     token_logprobs,
 )
 
@@ -152,3 +154,57 @@ def test_sequence_token_logprobs_matches_hf_naive(tie: bool) -> None:
     assert none is None
     torch.testing.assert_close(lp_all, lp_all2, rtol=1e-5, atol=1e-5)
     assert torch.all(lp_all[attn[:, 1:] == 0] == 0)
+
+
+def _shared_batch():
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    comps = [(0, [20, 21, 22]), (0, [23]), (1, [30, 31, 32, 33]), (1, [34, 35])]
+    u, lp = len(prompts), max(map(len, prompts))
+    b, lc = len(comps), max(len(c) for _, c in comps)
+    pid = torch.zeros(u, lp, dtype=torch.long)
+    pm = torch.zeros(u, lp, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        pid[i, : len(p)] = torch.tensor(p)
+        pm[i, : len(p)] = 1
+    cid = torch.zeros(b, lc, dtype=torch.long)
+    cm = torch.zeros(b, lc, dtype=torch.long)
+    for i, (_, c) in enumerate(comps):
+        cid[i, : len(c)] = torch.tensor(c)
+        cm[i, : len(c)] = 1
+    gi = torch.tensor([g for g, _ in comps])
+    # The same rollouts as full right-padded sequences.
+    seqs = [prompts[g] + c for g, c in comps]
+    w = max(map(len, seqs))
+    ids = torch.zeros(b, w, dtype=torch.long)
+    am = torch.zeros(b, w, dtype=torch.long)
+    pos = torch.zeros(b, w - 1, dtype=torch.bool)
+    for i, ((g, _c), s) in enumerate(zip(comps, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        am[i, : len(s)] = 1
+        pos[i, len(prompts[g]) - 1 : len(s) - 1] = True
+    return (pid, pm, cid, cm, gi), (ids, am, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shared_prompt_path_equals_full_sequences(dtype: torch.dtype) -> None:
+    """Running each prompt once and its completions on a repeated cache gives the same
+    log-probabilities, entropies and gradients as the full sequences."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).to(dtype)
+    shared, full = _shared_batch()
+    logp, ent = shared_prompt_token_logprobs(model, *shared, temperature=0.7, with_entropy=True)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ids, am, pos = full
+    ref_lp, ref_ent = sequence_token_logprobs(model, ids, am, temperature=0.7, with_entropy=True, loss_positions=pos)
+    (ref_lp.sum() + 0.5 * ref_ent.sum()).backward()
+    cm = shared[3].bool()
+    tol = 1e-5
+    assert torch.allclose(logp[cm], ref_lp[pos], atol=tol)
+    assert torch.allclose(ent[cm], ref_ent[pos], atol=tol)
+    assert (logp[~cm] == 0).all()
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=tol), n

@@ -140,9 +140,9 @@ def test_failed_run_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
     assert list(rows) == ["180", "0.01"]  # failed runs last
     manifest = json.loads((tmp_path / "fails" / "sweep.json").read_text())
     failed = next(r for r in manifest["runs"] if r["status"] == "failed")
-    assert failed["returncode"] != 0 and "ServerUnavailable" in failed["error_tail"]
+    assert failed["returncode"] != 0 and "error: builtin server at" in failed["error_tail"]
     md = (tmp_path / "fails" / "summary.md").read_text()
-    assert "failed (exit code" in md and "ServerUnavailable" in md
+    assert "failed (exit code" in md and "not healthy after 0.01s" in md
 
 
 @pytest.mark.slow

@@ -38,8 +38,8 @@ pytestmark = pytest.mark.slow
 
 
 def fit(save_dir: Path, name: str, *extra: str) -> Path:
-    main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(save_dir),
-          "--trainer.logger.init_args.name", name, *TINY, *extra])
+    assert main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(save_dir),
+                 "--trainer.logger.init_args.name", name, *TINY, *extra]) == 0
     versions = sorted((save_dir / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     return versions[-1]
 
@@ -141,9 +141,10 @@ def test_other_seed_gives_other_rollouts(reference_run: Path, tmp_path: Path) ->
     assert a["completion_tokens_mean"] != b["completion_tokens_mean"] or a["reward/reward_mean"] != b["reward/reward_mean"]
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="nothing to resume"):
-        fit(tmp_path, "empty", "--ckpt_path", "last")
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 "--trainer.logger.init_args.name", "empty", "--ckpt_path", "last"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path: Path) -> None:

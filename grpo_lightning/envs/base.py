@@ -44,7 +44,12 @@ class Environment(ABC):
 
     @abstractmethod
     def step(self, completion: str) -> StepResult:
-        """Score ``completion`` (the decoded text, special tokens removed) for the current problem."""
+        """Score ``completion`` (the decoded text, special tokens removed) for the current problem.
+
+        The reward must be finite for any text. A NaN or infinite reward is not trained on: the
+        trainer scores that completion as ``reward_bounds[0]`` (components all 0, no success),
+        warns with the problem seed and counts it in the ``reward/nonfinite`` metric.
+        """
 
     @property
     @abstractmethod

@@ -17,8 +17,9 @@ the distribution it sampled from, the finish reason and the decoded text.
 
 Requests are spread round-robin over the URLs; a failed attempt (connection error, timeout,
 HTTP 5xx/408/429) is retried on the next URL after an exponential backoff. Once retries are
-spent, ``GenerationError`` names the URLs and the last cause: a failed request never turns
-into an empty completion.
+spent, ``RetriesExhausted`` (a ``GenerationError``) names the URLs and the last cause: a failed
+request never turns into an empty completion, and the caller can tell a server that is down or
+hung (restart it) from one that rejected the request (``GenerationError``: do not).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class ServerUnavailable(RuntimeError):
 
 class GenerationError(RuntimeError):
     """A generation request failed for good (bad request, bad answer, or retries spent)."""
+
+
+class RetriesExhausted(GenerationError):
+    """Every attempt failed in a way a healthy server would not (connection refused, timeout,
+    5xx): the server is down, hung or overloaded, so restarting it may help where a rejected
+    request would not."""
 
 
 @dataclass
@@ -227,7 +234,7 @@ class RolloutClient:
             if on_done is not None:
                 on_done(index)
             return completions
-        raise GenerationError(
+        raise RetriesExhausted(
             f"request {index} failed after {self.max_retries + 1} attempts "
             f"({', '.join(sorted(set(tried)))}): {last}"
         ) from last
@@ -264,6 +271,8 @@ class RolloutClient:
         if url not in self._models:
             try:
                 r = await http.get(f"{url}/v1/models")
+            except httpx.TimeoutException:
+                raise _Retryable(f"{url}/v1/models: no answer within {self.request_timeout:g}s") from None
             except httpx.HTTPError as exc:
                 raise _Retryable(f"{url}/v1/models: {_one_line(exc)}") from None
             if r.status_code >= 500:

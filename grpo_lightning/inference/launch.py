@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -70,11 +71,19 @@ class ServerConfig:
         max_num_seqs: Sequences decoded together (vLLM ``--max-num-seqs``, SGLang
             ``--max-running-requests``, built-in ``--max-batch-size``).
         served_model_name: Name clients send as ``model``; None uses the model path first launched.
-        api_key: Bearer token the server requires and the client sends; None disables auth.
+        api_key: Bearer token the server requires and the client sends; None disables auth,
+            unless a launched server would read its key from our environment
+            (``GRPO_LIGHTNING_API_KEY`` for built-in, ``VLLM_API_KEY`` for vLLM): that key is
+            then sent. The environment keeps the key out of the run's ``config.yaml``.
         startup_timeout: Seconds to wait for a launched server to become healthy.
         request_timeout: Seconds allowed for one generation HTTP request.
         max_retries: Retries of a failed generation request (connection error, timeout, 5xx).
-        backoff: Seconds before the first retry; doubles at each retry.
+        backoff: Seconds before the first retry; doubles at each retry. Together with
+            ``max_retries`` this is the retry budget: a launched server that stays down or hung
+            for longer is restarted on the current weights (at most ``max_restarts`` times in a
+            row); when an attached server does, the run stops (resume with ``--ckpt_path last``).
+        max_restarts: Restarts of a launched server that crashed or hung during one generation
+            round before the run stops; 0 never restarts.
         max_concurrency: Generation requests in flight at once, over all servers.
         sync: How new weights reach the server: ``auto`` (disk for built-in/SGLang, dev-mode
             reload for vLLM with restart as fallback), ``disk`` (``/update_weights_from_disk``),
@@ -104,6 +113,7 @@ class ServerConfig:
     request_timeout: float = 120.0
     max_retries: int = 5
     backoff: float = 0.5
+    max_restarts: int = 3
     max_concurrency: int = 64
     sync: Literal["auto", "disk", "restart", "reload"] = "auto"
     verify_tolerance: float = 0.05
@@ -113,6 +123,8 @@ class ServerConfig:
     env: dict[str, str] = field(default_factory=dict)
 
 
+# Where a launched server reads its API key from the environment it inherits.
+KEY_ENV = {"builtin": "GRPO_LIGHTNING_API_KEY", "vllm": "VLLM_API_KEY"}
 HEALTH_PATHS = {"builtin": "/health", "vllm": "/v1/models", "sglang": "/v1/models"}
 
 
@@ -180,14 +192,11 @@ def server_env(config: ServerConfig) -> dict[str, str]:
     env: dict[str, str] = {}
     if config.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = physical_gpu(config.gpu)
-    if config.backend == "builtin" and config.api_key:
-        env["GRPO_LIGHTNING_API_KEY"] = config.api_key  # kept off the command line (ps)
-    if config.backend == "vllm":
-        if config.api_key:
-            env["VLLM_API_KEY"] = config.api_key
-        if config.sync in ("auto", "reload"):
-            # Enables /collective_rpc and /reset_prefix_cache for in-place weight reloads.
-            env["VLLM_SERVER_DEV_MODE"] = "1"
+    if config.backend in KEY_ENV and config.api_key:
+        env[KEY_ENV[config.backend]] = config.api_key  # kept off the command line (ps)
+    if config.backend == "vllm" and config.sync in ("auto", "reload"):
+        # Enables /collective_rpc and /reset_prefix_cache for in-place weight reloads.
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(config.env)
     return env
 
@@ -220,6 +229,10 @@ class ManagedServer:
     def __init__(
         self, config: ServerConfig, model: str | None = None, log_path: str | Path | None = None
     ) -> None:
+        inherited = os.environ.get(KEY_ENV.get(config.backend, ""), "")
+        if not config.urls and config.api_key is None and inherited:
+            # The launched server inherits our environment and enforces that key: send it too.
+            config = dataclasses.replace(config, api_key=inherited)
         self.config = config
         self.model = model
         if not config.urls and model is None:
@@ -235,6 +248,8 @@ class ManagedServer:
         # Fixed at first launch so that a restart on a new checkpoint keeps the client's model
         # name; unknown for attached servers unless configured (clients then ask /v1/models).
         self.served_model_name = config.served_model_name or (None if config.urls else model)
+        self.served_weights: str | None = None
+        """The folder ``sync_weights`` last pushed: what ``recover`` restarts on."""
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -289,6 +304,8 @@ class ManagedServer:
         if proc is not None:
             try:
                 _signal_group(proc.pid, signal.SIGTERM)
+                # A stopped (SIGSTOP) server only sees the SIGTERM once it runs again.
+                _signal_group(proc.pid, signal.SIGCONT)
                 try:
                     proc.wait(timeout=self.config.stop_timeout)
                 except subprocess.TimeoutExpired:
@@ -312,6 +329,11 @@ class ManagedServer:
             self.model = str(model)
         self.start()
         return time.perf_counter() - start
+
+    def recover(self) -> float:
+        """Restart a crashed or hung launched server on the weights it served: the folder last
+        pushed by ``sync_weights``, else the model it was launched with."""
+        return self.restart(model=self.served_weights)
 
     def __enter__(self) -> ManagedServer:
         return self.start()
@@ -349,6 +371,7 @@ class ManagedServer:
         with httpx.Client(timeout=5.0, headers=headers) as http:
             for url in self.urls:
                 delay = 0.1
+                cause = "no answer yet"
                 while True:
                     if self._proc is not None and self._proc.poll() is not None:
                         raise ServerUnavailable(
@@ -356,14 +379,16 @@ class ManagedServer:
                             f"during startup; {self._log_tail()}"
                         )
                     try:
-                        if http.get(f"{url}{path}").status_code == 200:
+                        r = http.get(f"{url}{path}")
+                        if r.status_code == 200:
                             break
-                    except httpx.HTTPError:
-                        pass
+                        cause = f"HTTP {r.status_code} from {path}"
+                    except httpx.HTTPError as exc:
+                        cause = f"{type(exc).__name__}: {exc}"
                     if time.monotonic() > deadline:
                         raise ServerUnavailable(
                             f"{self.config.backend} server at {url} not healthy after "
-                            f"{self.config.startup_timeout:g}s; {self._log_tail()}"
+                            f"{self.config.startup_timeout:g}s ({cause}); {self._log_tail()}"
                         )
                     time.sleep(delay)
                     delay = min(delay * 1.5, 0.5)

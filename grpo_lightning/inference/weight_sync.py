@@ -117,6 +117,8 @@ def sync_weights(
                 chosen = "restart"
                 _restart(managed, model_dir)
         seconds = time.perf_counter() - start
+        if managed is not None:
+            managed.served_weights = model_dir
 
         verify_start = time.perf_counter()
         report = SyncReport(seconds=seconds, method=chosen, verified=False)

@@ -1,0 +1,151 @@
+"""Test-only fault injection for fit runs (loaded like ``ddp_probe``: ``--trainer.callbacks+=fault_probes.Kill``)
+and the entry point of forked trainer processes that tests SIGKILL.
+
+Faults are triggered by what the run is doing, not by timers, so every kill lands in the phase
+it names: ``generation`` (the iteration's rollouts: one request answered, the others in
+flight), ``training`` (after a given micro-batch), ``evaluation`` (the evaluation after the
+iteration: one request answered) and ``checkpoint`` (``last.ckpt`` half written).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+import grpo_lightning.callbacks as callbacks_module
+from grpo_lightning.cli import main
+
+PHASES = ("generation", "training", "evaluation", "checkpoint")
+
+
+class Kill(pl.Callback):
+    """SIGKILL ``target`` during ``phase`` of ``iteration``, once.
+
+    Args:
+        phase: one of ``PHASES``.
+        iteration: the iteration (epoch) whose phase is hit.
+        target: ``self`` (this trainer), ``server`` (the managed server it launched) or a pid
+            (e.g. an attached server's).
+        batch: for ``training``, the micro-batch after which to strike.
+    """
+
+    def __init__(self, phase: str, iteration: int, target: str = "self", batch: int = 0) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}")
+        self.phase, self.iteration, self.target, self.batch = phase, iteration, target, batch
+        self.fired = False
+        self._epoch: int | None = None
+        self._doing: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        for name, phase in (("generate_iteration", "generation"), ("evaluate", "evaluation")):
+            setattr(dm, name, self._marking(getattr(dm, name), phase))
+        client = dm.client
+        if client is not None:
+            generate = client.generate
+
+            def generate_and_strike(requests: list[Any], on_done: Any = None) -> Any:
+                def done(i: int) -> None:
+                    if on_done is not None:
+                        on_done(i)
+                    if self._doing == self.phase and self._armed(trainer):
+                        self._strike(trainer)
+
+                return generate(requests, on_done=done)
+
+            client.generate = generate_and_strike
+        if self.phase == "checkpoint":
+            replace = callbacks_module.replace_durably
+
+            def replace_or_strike(tmp: Path, target: Path) -> None:
+                if target.name == "last.ckpt" and self._armed(trainer):
+                    with open(tmp, "r+b") as f:  # the kill lands halfway through the write
+                        f.truncate(os.path.getsize(tmp) // 2)
+                    self._strike(trainer)
+                replace(tmp, target)
+
+            callbacks_module.replace_durably = replace_or_strike
+
+    def _marking(self, method: Any, phase: str) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self._doing = phase
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._doing = None
+
+        return wrapped
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
+        if self.phase == "generation" and self.iteration == trainer.current_epoch and not self.fired:
+            raise AssertionError("the generation of this iteration ran without striking")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.phase == "training" and batch_idx == self.batch and self._armed(trainer):
+            self._strike(trainer)
+
+    def _armed(self, trainer: pl.Trainer) -> bool:
+        if self.fired or trainer.current_epoch != self.iteration:
+            return False
+        # The rollouts of iteration i are generated before its epoch starts; the evaluation
+        # and checkpoint that follow it happen inside the epoch (so never the baseline).
+        return self.phase == "generation" or self._epoch == self.iteration
+
+    def _strike(self, trainer: pl.Trainer) -> None:
+        self.fired = True
+        if self.target == "self":
+            os.kill(os.getpid(), signal.SIGKILL)
+        pid = trainer.datamodule.server.pid if self.target == "server" else int(self.target)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+
+
+class NonFinite(pl.Callback):
+    """Makes micro-batches of the given iterations non-finite: ``loss_batches`` get NaN
+    advantages (so a NaN loss), ``grad_batches`` a NaN gradient with a finite loss."""
+
+    def __init__(self, iterations: list[int], loss_batches: list[int] | None = None, grad_batches: list[int] | None = None) -> None:
+        self.iterations = set(iterations)
+        self.loss_batches = set(loss_batches or [])
+        self.grad_batches = set(grad_batches or [])
+        self._hook: Any = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch not in self.iterations:
+            return
+        if batch_idx in self.loss_batches:
+            batch["advantages"].fill_(float("nan"))
+        if batch_idx in self.grad_batches:
+            param = next(pl_module.policy.parameters())
+            self._hook = param.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def run_cli(argv: list[str], log_prefix: str) -> None:
+    """A forked trainer: ``main(argv)`` with stdout/stderr in ``<log_prefix>.out``/``.err`` and
+    its start time in ``.start``, one torch thread; the exit code is ``main``'s."""
+    # One thread: on a busy shared machine more threads spin against each other (and every
+    # launch of a chain must use the same count for its results to be reproducible).
+    torch.set_num_threads(1)
+    for fd, suffix in ((1, ".out"), (2, ".err")):
+        f = os.open(log_prefix + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    Path(log_prefix + ".start").write_text(repr(time.time()))
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
