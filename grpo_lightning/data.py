@@ -89,6 +89,7 @@ class RolloutDataModule(pl.LightningDataModule):
         steps_per_iteration: int = 1,
         micro_batch_size: int = 4,
         max_tokens_per_micro_batch: int | None = None,
+        share_prompts: bool = True,
         seed: int = 0,
     ) -> None:
         """
@@ -124,6 +125,7 @@ class RolloutDataModule(pl.LightningDataModule):
             steps_per_iteration: linked from ``model.steps_per_iteration``.
             micro_batch_size: linked from ``model.micro_batch_size``.
             max_tokens_per_micro_batch: linked from ``model.max_tokens_per_micro_batch``.
+            share_prompts: linked from ``model.share_prompts``.
             seed: linked from ``seed_everything``: base of every sampling seed.
         """
         super().__init__()
@@ -150,6 +152,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.steps_per_iteration = steps_per_iteration
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.share_prompts = share_prompts
         self.seed = seed
         self._validate()
         self.make_env()  # unknown environment names and options fail here, before any model loads
@@ -381,8 +384,9 @@ class RolloutDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             seed=sampling_seed(self.seed, "schedule", iteration),
+            share_prompts=self.share_prompts,
         )
-        micro = MicroBatchDataset(dataset, schedule, pad_id=self.tokenizer.pad_token_id)
+        micro = MicroBatchDataset(dataset, schedule, pad_id=self.tokenizer.pad_token_id, share_prompts=self.share_prompts)
         return DataLoader(micro, batch_size=None, shuffle=False, num_workers=0)
 
     # ------------------------------------------------------------------ evaluation

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .logprobs import sequence_token_logprobs
+from .logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
 from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
 from .models import load_policy, load_tokenizer
 
@@ -61,6 +61,7 @@ class GRPOModule(pl.LightningModule):
         max_tokens_per_micro_batch: int | None = None,
         logprob_chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
+        share_prompts: bool = True,
         max_consecutive_nonfinite: int = 3,
         temperature: float = 1.0,
         max_completion_length: int = 512,
@@ -110,6 +111,11 @@ class GRPOModule(pl.LightningModule):
                 are sorted and packed so micro-batches carry little padding. None: fixed size.
             logprob_chunk_size: tokens per chunk of the LM-head log-softmax; the full
                 [tokens x vocab] log-probabilities are never materialised.
+            share_prompts: run each prompt once per micro-batch for all of its group's
+                completions (its key/value cache is repeated for them) instead of once per
+                completion; same values and gradients, several times less compute when prompts
+                are long next to answers. Incompatible with gradient checkpointing, which
+                drops the cache.
             gradient_checkpointing: recompute activations in the backward pass (less memory,
                 about a third more compute).
             max_consecutive_nonfinite: stop the run after this many consecutive optimizer
@@ -166,6 +172,11 @@ class GRPOModule(pl.LightningModule):
             "temperature": 0 < h.temperature < math.inf,
             "max_completion_length": h.max_completion_length >= 1,
         }
+        if h.share_prompts and h.gradient_checkpointing:
+            raise ValueError(
+                "model.share_prompts=true needs the key/value cache that model.gradient_checkpointing=true "
+                "drops: set model.share_prompts false to use gradient checkpointing"
+            )
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"model.{k}={h[k]!r}" for k in bad)
@@ -218,6 +229,19 @@ class GRPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def logprobs(self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "prompt_ids" in batch:  # rollouts.collate_shared
+            return shared_prompt_token_logprobs(
+                model,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["completion_ids"],
+                batch["completion_mask"],
+                batch["group_index"],
+                temperature=self.hparams.temperature,
+                chunk_size=self.hparams.logprob_chunk_size,
+                with_entropy=with_entropy,
+                loss_positions=batch["loss_mask"].bool(),
+            )
         return sequence_token_logprobs(
             model,
             batch["input_ids"],

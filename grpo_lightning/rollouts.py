@@ -191,6 +191,13 @@ class RolloutDataset(Dataset):
         r = self.rollouts[i]
         return len(r.completion_ids) if r.trainable else 0
 
+    def prompt_groups(self) -> list[list[int]]:
+        """Indices of rollouts that share a prompt (a GRPO group), in order of appearance."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(self.rollouts):
+            groups.setdefault(tuple(r.prompt_ids), []).append(i)
+        return list(groups.values())
+
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch. Position ``t`` of the [B, L-1] tensors predicts token ``t + 1``."""
@@ -222,6 +229,58 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     }
 
 
+def collate_shared(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch whose prompts run once (``logprobs.shared_prompt_token_logprobs``).
+
+    ``prompt_ids`` [U, Lp] holds the distinct prompts, ``completion_ids`` [B, Lc] the
+    completions and ``group_index`` [B] which prompt each belongs to; the per-token tensors
+    (``loss_mask``, logprobs) are [B, Lc], position ``j`` being completion token ``j``.
+    """
+    keys: dict[tuple[int, ...], int] = {}
+    prompts: list[torch.Tensor] = []
+    group_index = []
+    for it in items:
+        prompt = it["input_ids"][: it["prompt_len"]]
+        key = tuple(prompt.tolist())
+        if key not in keys:
+            keys[key] = len(prompts)
+            prompts.append(prompt)
+        group_index.append(keys[key])
+    completions = [it["input_ids"][it["prompt_len"] :] for it in items]
+    lp, lc = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
+    b = len(items)
+    prompt_ids = torch.full((len(prompts), lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), lp), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        prompt_ids[row, : len(p)] = p
+        prompt_mask[row, : len(p)] = 1
+    completion_ids = torch.full((b, lc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((b, lc), dtype=torch.long)
+    loss_mask = torch.zeros((b, lc), dtype=torch.float32)
+    behaviour = torch.zeros((b, lc), dtype=torch.float32)
+    extra = {k: torch.zeros((b, lc)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
+    for row, (it, c) in enumerate(zip(items, completions, strict=True)):
+        completion_ids[row, : len(c)] = c
+        completion_mask[row, : len(c)] = 1
+        if it["trainable"]:
+            loss_mask[row, : len(c)] = 1.0
+        behaviour[row, : len(c)] = it["behaviour_logprobs"]
+        for k, t in extra.items():
+            t[row, : len(c)] = it[k]
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "group_index": torch.tensor(group_index, dtype=torch.long),
+        "loss_mask": loss_mask,
+        "behaviour_logprobs": behaviour,
+        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
+        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        **extra,
+    }
+
+
 @dataclass
 class MicroBatch:
     """Which rollouts one ``training_step`` sees, and what it must do after the backward."""
@@ -244,36 +303,44 @@ def build_schedule(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    share_prompts: bool = False,
 ) -> list[MicroBatch]:
     """The micro-batches of one iteration for ``rank``: ``num_iterations`` passes over the
     rollouts, each pass split into ``steps_per_iteration`` optimizer steps.
+
+    With ``share_prompts`` the unit of splitting is a prompt's whole group, so each prompt
+    runs once per micro-batch; ``micro_batch_size`` still counts sequences (rounded to whole
+    groups) and a group's token cost is its prompt plus its completions.
 
     Every rank gets the same number of micro-batches per step (DDP needs matching backward
     calls), padded with empty micro-batches where the token-budget plan is uneven. Each
     step's ``Normalizer`` counts the step's sequences and tokens over all ranks, so the loss
     is the same however the step is cut into micro-batches.
     """
-    n = len(dataset)
+    units = dataset.prompt_groups() if share_prompts else [[i] for i in range(len(dataset))]
+    if len(units) < steps_per_iteration:
+        units = [[i] for u in units for i in u]  # too few groups to give every step one
+    unit_size = max(1, round(len(dataset) / max(1, len(units))))
     schedule: list[MicroBatch] = []
     for p in range(num_iterations):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(sampling_seed(seed, p))).tolist()
-        chunks = [order[k::steps_per_iteration] for k in range(steps_per_iteration)]
-        for step_indices in chunks:
-            step_indices = sorted(step_indices)
+        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(sampling_seed(seed, p))).tolist()
+        chunks = [sorted(order[k::steps_per_iteration]) for k in range(steps_per_iteration)]
+        for step_units in chunks:
+            step_indices = [i for u in step_units for i in units[u]]
             norm = Normalizer(
                 num_sequences=sum(1 for i in step_indices if dataset.loss_tokens(i) > 0),
                 num_tokens_local=0,
                 num_tokens_global=sum(dataset.loss_tokens(i) for i in step_indices),
                 world_size=world_size,
             )
-            lengths = [dataset.length(i) for i in step_indices]
+            lengths = [_unit_cost(dataset, units[u], share_prompts) for u in step_units]
             plan = plan_micro_batches(
                 lengths,
-                micro_batch_size=None if max_tokens_per_micro_batch else micro_batch_size,
+                micro_batch_size=None if max_tokens_per_micro_batch else max(1, micro_batch_size // unit_size),
                 max_tokens_per_micro_batch=max_tokens_per_micro_batch,
             )
             per_rank = -(-len(plan) // world_size)
-            mine = [[step_indices[j] for j in plan[k]] for k in range(rank, len(plan), world_size)]
+            mine = [[i for j in plan[k] for i in units[step_units[j]]] for k in range(rank, len(plan), world_size)]
             mine += [[] for _ in range(per_rank - len(mine))]
             local_tokens = sum(dataset.loss_tokens(i) for mb in mine for i in mb)
             local = Normalizer(
@@ -287,13 +354,22 @@ def build_schedule(
     return schedule
 
 
+def _unit_cost(dataset: RolloutDataset, unit: list[int], shared: bool) -> int:
+    """Tokens a unit of rollouts puts through the model: a shared prompt counts once."""
+    if not shared:
+        return sum(dataset.length(i) for i in unit)
+    prompt = len(dataset.rollouts[unit[0]].prompt_ids)
+    return prompt + sum(dataset.length(i) - prompt for i in unit)
+
+
 class MicroBatchDataset(Dataset):
     """Map-style over the iteration's micro-batches: item ``k`` is micro-batch ``k``, collated."""
 
-    def __init__(self, rollouts: RolloutDataset, schedule: list[MicroBatch], pad_id: int) -> None:
+    def __init__(self, rollouts: RolloutDataset, schedule: list[MicroBatch], pad_id: int, share_prompts: bool = False) -> None:
         self.rollouts = rollouts
         self.schedule = schedule
         self.pad_id = pad_id
+        self.collate = collate_shared if share_prompts else collate
 
     def __len__(self) -> int:
         return len(self.schedule)
@@ -302,7 +378,7 @@ class MicroBatchDataset(Dataset):
         mb = self.schedule[k]
         # An empty micro-batch (DDP padding) still runs a forward/backward with zero loss.
         items = [self.rollouts[i] for i in mb.indices] or [_empty_item(self.pad_id)]
-        batch: dict[str, Any] = collate(items, self.pad_id)
+        batch: dict[str, Any] = self.collate(items, self.pad_id)
         batch["step_end"] = mb.step_end
         # A plain dict: Lightning's device transfer refuses frozen dataclasses.
         batch["normalizer"] = asdict(mb.normalizer)

@@ -1,0 +1,114 @@
+"""Rollout batches: advantages, collation, the iteration's micro-batch schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_lightning.logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
+from grpo_lightning.rollouts import (
+    MicroBatchDataset,
+    Rollout,
+    RolloutDataset,
+    assign_advantages,
+    build_schedule,
+    collate,
+    collate_shared,
+    sampling_seed,
+)
+
+
+def rollout(seed: int, rep: int, prompt: list[int], completion: list[int], reward: float, reason: str = "stop") -> Rollout:
+    return Rollout(
+        problem_seed=seed, replicate=rep, prompt_ids=prompt, completion_ids=completion,
+        behaviour_logprobs=[-0.5 - 0.1 * k for k in range(len(completion))], finish_reason=reason,
+        text="", reward=reward, components={}, success=reward > 1,
+    )
+
+
+def groups_of(p: int, g: int) -> list[list[Rollout]]:
+    out = []
+    for s in range(p):
+        prompt = list(range(10 + s, 15 + 2 * s))  # prompts of different lengths
+        out.append([rollout(s, r, prompt, [40 + r] * (1 + (s + r) % 4), float(r % 3)) for r in range(g)])
+    return out
+
+
+def test_sampling_seed_is_stable() -> None:
+    assert sampling_seed(0, "train", 3, 17) == sampling_seed(0, "train", 3, 17)
+    assert sampling_seed(0, "train", 3, 17) != sampling_seed(1, "train", 3, 17)
+    assert 0 <= sampling_seed("x") < 2**31
+
+
+def test_advantages_and_truncation_mask() -> None:
+    groups = [
+        [rollout(0, 0, [1], [2], 1.0), rollout(0, 1, [1], [3], 0.0)],
+        [rollout(1, 0, [1], [2], 0.5), rollout(1, 1, [1], [3], 0.5)],  # all equal
+        [rollout(2, 0, [1], [2, 3], 1.0, "length"), rollout(2, 1, [1], [3], 0.0)],
+    ]
+    assign_advantages(groups, scale="group", eps=0.0, mask_truncated=True)
+    assert [r.advantage for r in groups[0]] == pytest.approx([1.0, -1.0])
+    assert [r.advantage for r in groups[1]] == [0.0, 0.0]
+    assert groups[2][0].trainable is False and groups[2][1].trainable is True
+
+
+def test_collate_aligns_targets_and_behaviour_logprobs() -> None:
+    ds = RolloutDataset([rollout(0, 0, [5, 6, 7], [8, 9], 1.0), rollout(1, 0, [5, 6], [8, 9, 10], 0.0)])
+    batch = collate([ds[0], ds[1]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 8, 9, 10]]
+    # Position t predicts token t + 1: the loss covers exactly the completion tokens.
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert batch["behaviour_logprobs"][0, 2:].tolist() == pytest.approx([-0.5, -0.6])
+    assert batch["behaviour_logprobs"][1, 1:].tolist() == pytest.approx([-0.5, -0.6, -0.7])
+
+
+def test_shared_collation_gives_the_same_logprobs_as_full_sequences(tiny_model) -> None:
+    groups = groups_of(3, 4)
+    rollouts = [r for g in groups for r in g]
+    ds = RolloutDataset(rollouts)
+    items = [ds[i] for i in range(len(ds))]
+    full, shared = collate(items, pad_id=0), collate_shared(items, pad_id=0)
+    assert shared["prompt_ids"].shape[0] == 3 and shared["group_index"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    with torch.no_grad():
+        a, _ = sequence_token_logprobs(tiny_model, full["input_ids"], full["attention_mask"],
+                                       loss_positions=full["loss_mask"].bool())
+        b, _ = shared_prompt_token_logprobs(tiny_model, shared["prompt_ids"], shared["prompt_mask"],
+                                            shared["completion_ids"], shared["completion_mask"], shared["group_index"],
+                                            loss_positions=shared["loss_mask"].bool())
+    assert torch.allclose(a[full["loss_mask"].bool()], b[shared["loss_mask"].bool()], atol=1e-5)
+    assert torch.equal(full["behaviour_logprobs"][full["loss_mask"].bool()], shared["behaviour_logprobs"][shared["loss_mask"].bool()])
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize(("steps", "mu", "budget"), [(1, 1, None), (2, 3, None), (3, 2, 64)])
+def test_schedule_covers_every_rollout_once_per_pass(share: bool, steps: int, mu: int, budget: int | None) -> None:
+    ds = RolloutDataset([r for g in groups_of(6, 4) for r in g])
+    schedule = build_schedule(ds, num_iterations=mu, steps_per_iteration=steps, micro_batch_size=8,
+                              max_tokens_per_micro_batch=budget, seed=3, share_prompts=share)
+    for p in range(mu):
+        seen = [i for mb in schedule if mb.pass_index == p for i in mb.indices]
+        assert sorted(seen) == list(range(len(ds)))
+    assert sum(mb.step_end for mb in schedule) == mu * steps
+    for mb in schedule:
+        # The normaliser counts the whole step, whatever micro-batch this is.
+        assert mb.normalizer.num_tokens_global == mb.normalizer.num_tokens_local
+    if share:
+        for mb in schedule:  # groups stay whole, so each prompt runs once per micro-batch
+            seeds = {ds.rollouts[i].problem_seed for i in mb.indices}
+            assert sum(1 for r in ds.rollouts if r.problem_seed in seeds) == len(mb.indices)
+    micro = MicroBatchDataset(ds, schedule, pad_id=0, share_prompts=share)
+    assert ("prompt_ids" in micro[0]) == share
+
+
+def test_schedule_shards_evenly_over_ranks() -> None:
+    ds = RolloutDataset([r for g in groups_of(5, 4) for r in g])
+    kw = dict(num_iterations=2, steps_per_iteration=1, micro_batch_size=4, max_tokens_per_micro_batch=None, seed=1)
+    single = build_schedule(ds, **kw)
+    r0 = build_schedule(ds, rank=0, world_size=2, **kw)
+    r1 = build_schedule(ds, rank=1, world_size=2, **kw)
+    assert len(r0) == len(r1)  # matching backward calls under DDP
+    for p in range(2):
+        both = [i for s in (r0, r1) for mb in s if mb.pass_index == p for i in mb.indices]
+        assert sorted(both) == sorted(i for mb in single if mb.pass_index == p for i in mb.indices)
+    assert r0[0].normalizer.num_tokens_global == single[0].normalizer.num_tokens_global
+    assert r0[0].normalizer.num_tokens_local + r1[0].normalizer.num_tokens_local == single[0].normalizer.num_tokens_global
