@@ -234,7 +234,12 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def start_server(self) -> None:
         log_dir = self.run_dir or Path(".")
-        self.server = ManagedServer(self.server_config, self.model_name_or_path, log_path=log_dir / "server.log")
+        self.server = ManagedServer(
+            self.server_config,
+            self.model_name_or_path,
+            log_path=log_dir / "server.log",
+            trust_remote_code=self.trust_remote_code,
+        )
         self.server.start()
         self.client = self.server.client(tokenizer=self.tokenizer)
 
@@ -346,7 +351,8 @@ class RolloutDataModule(pl.LightningDataModule):
             "groups_trained": len(groups),
             "dynamic_sampling_rounds": rounds,
             "problem_seeds": [grp[0].problem_seed for grp in groups],
-            "time/generate_s": gen_seconds,
+            "time/generate_s": gen_seconds - gen.score_seconds,
+            "time/score_s": gen.score_seconds,
         }
         return groups, stats
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,8 @@ class RolloutGenerator:
         self._prompts: dict[int, list[int]] = {}
         self.nonfinite_rewards: list[tuple[int, int]] = []
         """(problem seed, replicate) of completions whose reward was NaN or infinite."""
+        self.score_seconds = 0.0
+        """Time spent in the environment's reward (the rest of ``generate`` is the server)."""
 
     def prompt_ids(self, seed: int) -> list[int]:
         if seed not in self._prompts:
@@ -97,7 +100,9 @@ class RolloutGenerator:
         ]
         results = self.client.generate(requests, on_done=on_done)
         seen = len(self.nonfinite_rewards)
+        t0 = time.perf_counter()
         groups = [self.score(seed, completions) for seed, completions in zip(seeds, results, strict=True)]
+        self.score_seconds += time.perf_counter() - t0
         bad = self.nonfinite_rewards[seen:]
         if bad:
             shown = ", ".join(f"seed {s} replicate {i}" for s, i in bad[:5])

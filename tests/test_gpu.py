@@ -40,10 +40,10 @@ def test_fit_on_cuda_with_server_on_cuda(tmp_path: Path) -> None:
     """A short run: bf16-mixed training step, built-in server on CUDA, weight sync, evaluation."""
     from grpo_lightning.cli import main
 
-    main(["fit", "--config", str(ROOT / "configs" / "sat_tiny.yaml"),
+    assert main(["fit", "--config", str(ROOT / "configs" / "sat_tiny.yaml"),
           "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.max_epochs", "2",
           "--data.server.device", "cuda", "--data.server.dtype", "float32", "--data.eval.num_problems", "16",
-          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "gpu"])
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "gpu"]) == 0
     run = tmp_path / "gpu" / "version_0"
     m = json.loads((run / "metrics" / "train_iter_001.json").read_text())
     assert m["sync/verified"] is True

@@ -107,6 +107,10 @@ def test_launch_commands_and_environment():
     assert argv[1:3] == ["-m", "grpo_lightning.inference.server"] and "k" not in argv
     assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
     assert server_env(builtin) == {"GRPO_LIGHTNING_API_KEY": "k"}
+    assert "--trust-remote-code" not in argv  # off unless the trainer's model needs it
+    for backend in ("builtin", "vllm", "sglang"):
+        argv = server_argv(ServerConfig(backend=backend), "m", 1, trust_remote_code=True)
+        assert "--trust-remote-code" in argv, backend
 
 
 def test_dead_server_fails_fast_with_a_one_line_cause(tmp_path):

@@ -52,6 +52,23 @@ def without_times(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("time/")}
 
 
+# Metrics that come from the behaviour logprobs. The built-in server batches continuously, so
+# which requests share a forward pass depends on timing and the logprobs it returns move in the
+# last float bits (~1e-7), as vLLM's do; everything else (seeds, token ids, rewards) is exact.
+_FROM_LOGPROBS = ("train/loss", "train/mismatch/", "train/ratio/", "train/kl/", "train/entropy/",
+                  "train/grad_norm", "train/clip/", "train/tis/")
+
+
+def assert_same_run(a: dict, b: dict, name: str) -> None:
+    a, b = without_times(a), without_times(b)
+    assert a.keys() == b.keys(), name
+    for key in a:
+        if key.startswith(_FROM_LOGPROBS) and isinstance(a[key], float):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), f"{name}: {key}"
+        else:
+            assert b[key] == a[key], f"{name}: {key}"
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """Three uninterrupted iterations with a KL term and TIS on (so the reference model and the
@@ -119,17 +136,18 @@ def test_tensorboard_events(reference_run: Path) -> None:
 
 def test_same_seed_is_deterministic_and_resume_matches(reference_run: Path, tmp_path: Path) -> None:
     """Stop after two iterations, resume with --ckpt_path last: every metric of every iteration
-    equals the uninterrupted run's (timings aside), so rollouts and updates are identical."""
+    equals the uninterrupted run's (timings aside; logprob-derived floats to 1e-5, see
+    _FROM_LOGPROBS), so rollouts and updates are identical."""
     first = fit(tmp_path, "resumed", "--trainer.max_epochs", "2", *REF_EXTRA)
     assert not (first / "metrics" / "train_iter_002.json").exists()
     again = fit(tmp_path, "resumed", "--trainer.max_epochs", "3", "--ckpt_path", "last", *REF_EXTRA)
     assert again == first, "resume continues in the same run directory"
     for i in range(3):
         name = f"train_iter_{i:03d}.json"
-        assert without_times(load(again / "metrics" / name)) == without_times(load(reference_run / "metrics" / name)), name
+        assert_same_run(load(reference_run / "metrics" / name), load(again / "metrics" / name), name)
     assert load(again / "metrics" / "train_iter_002.json")["sync/reason"] == "iteration"
     for name in ("eval_baseline.json", "eval_iter_001.json", "eval_iter_002.json"):
-        assert without_times(load(again / "metrics" / name)) == without_times(load(reference_run / "metrics" / name)), name
+        assert_same_run(load(reference_run / "metrics" / name), load(again / "metrics" / name), name)
 
 
 def test_other_seed_gives_other_rollouts(reference_run: Path, tmp_path: Path) -> None:

@@ -129,9 +129,17 @@ HEALTH_PATHS = {"builtin": "/health", "vllm": "/v1/models", "sglang": "/v1/model
 
 
 def server_argv(
-    config: ServerConfig, model: str, port: int, served_model_name: str | None = None
+    config: ServerConfig,
+    model: str,
+    port: int,
+    served_model_name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
-    """The command that launches ``config.backend`` on ``model`` (API keys go through ``server_env``)."""
+    """The command that launches ``config.backend`` on ``model`` (API keys go through ``server_env``).
+
+    ``trust_remote_code`` follows the trainer's ``model.trust_remote_code``: a model that needs
+    its own code to train needs it to serve, and nothing else turns it on.
+    """
     name = served_model_name or config.served_model_name or model
     common = ["--host", config.host, "--port", str(port), "--served-model-name", name]
     if config.backend == "builtin":
@@ -184,6 +192,8 @@ def server_argv(
             argv += ["--enable-deterministic-inference"]
     else:
         raise ValueError(f"unknown backend {config.backend!r}")
+    if trust_remote_code:
+        argv += ["--trust-remote-code"]  # the same flag name in all three servers
     return argv + list(config.extra_args)
 
 
@@ -227,7 +237,11 @@ class ManagedServer:
     """A server process we own (or servers we attach to), usable as a context manager."""
 
     def __init__(
-        self, config: ServerConfig, model: str | None = None, log_path: str | Path | None = None
+        self,
+        config: ServerConfig,
+        model: str | None = None,
+        log_path: str | Path | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         inherited = os.environ.get(KEY_ENV.get(config.backend, ""), "")
         if not config.urls and config.api_key is None and inherited:
@@ -235,6 +249,7 @@ class ManagedServer:
             config = dataclasses.replace(config, api_key=inherited)
         self.config = config
         self.model = model
+        self.trust_remote_code = trust_remote_code
         if not config.urls and model is None:
             raise ValueError(
                 "ManagedServer needs a model to launch (or ServerConfig.urls to attach)"
@@ -346,7 +361,9 @@ class ManagedServer:
         assert self.model is not None
         if self.port is None:
             self.port = free_port(self.config.host)
-        argv = server_argv(self.config, self.model, self.port, self.served_model_name)
+        argv = server_argv(
+            self.config, self.model, self.port, self.served_model_name, self.trust_remote_code
+        )
         env = {**os.environ, **server_env(self.config)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
