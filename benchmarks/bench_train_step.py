@@ -8,7 +8,7 @@ compute the completion tokens' log-probabilities with
 :func:`grpo_lightning.logprobs.sequence_token_logprobs`, the loss with
 :func:`grpo_lightning.loss.grpo_loss` (dapo, normalised by the step totals), backward; then
 one AdamW step. The model is randomly initialised and Qwen2-shaped (by default the
-``tiny-sat`` preset's dimensions: hidden 128, 4 layers, the tiny-sat vocabulary).
+``tiny-sat`` preset's dimensions: hidden 128, 2 layers, the tiny-sat vocabulary).
 
 Rollout lengths (documented, deterministic):
 
@@ -181,9 +181,9 @@ def main() -> None:
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[4, 8], help="unpacked rows")
     p.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096], help="packed rows (tokens)")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=432, help="tiny-sat vocabulary (423 tokens, padded to 16)")
+    p.add_argument("--vocab", type=int, default=464, help="the tiny-sat model's vocabulary size")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="4 prompts x 8 completions, 1 step, no warmup")

@@ -1,10 +1,11 @@
-"""The command line: LightningCLI ``fit``/``validate`` plus ``serve`` and ``sweep``.
+"""The command line: LightningCLI ``fit``/``validate`` plus ``serve``, ``sweep`` and ``plot``.
 
     python -m grpo_lightning fit --config configs/sat_tiny.yaml [--model.lr 1e-5 ...]
     python -m grpo_lightning fit --config configs/sat_tiny.yaml --ckpt_path last   # resume
     python -m grpo_lightning validate --config configs/sat_tiny.yaml --ckpt_path last
     python -m grpo_lightning serve --model tiny-sat --port 8000
     python -m grpo_lightning sweep --config configs/sat_tiny.yaml --grid model.lr=1e-3,3e-3
+    python -m grpo_lightning plot lightning_logs/sat_tiny/version_0 -o curve.png
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .module import GRPOModule, NonFiniteError
 EXTRA_SUBCOMMANDS = {
     "serve": ("grpo_lightning.inference.server", "Run the built-in OpenAI-compatible inference server."),
     "sweep": ("grpo_lightning.sweep", "Run a grid or random hyperparameter sweep of fit runs."),
+    "plot": ("grpo_lightning.plot", "Draw success/reward curves of runs from their metrics files."),
 }
 
 # Failures we name ourselves: the message says what happened, a traceback would bury it.
@@ -50,7 +52,8 @@ DEBUG_ENV = "GRPO_LIGHTNING_DEBUG"
 DESCRIPTION = """grpo-lightning: offline GRPO training on verifiable tasks.
 
 subcommands: fit (train), validate (evaluate a policy on the eval set),
-serve (built-in inference server), sweep (hyperparameter sweeps).
+serve (built-in inference server), sweep (hyperparameter sweeps),
+plot (learning curves from run directories).
 Run `python -m grpo_lightning SUBCOMMAND --help` for each one's options."""
 
 

@@ -21,7 +21,8 @@ from grpo_lightning.sweep import Distribution, Sweep, gpu_plan, parse_args, plan
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sat_tiny.yaml")
 TINY = ["--trainer.max_epochs", "1", "--data.problems_per_iteration", "2", "--data.rollouts_per_problem", "2",
         "--data.eval.num_problems", "4", "--data.eval.replicates", "2", "--data.max_tokens", "8",
-        "--checkpoint.keep_last", "1"]
+        "--checkpoint.keep_last", "1", "--model.num_iterations", "1", "--model.steps_per_iteration", "1",
+        "--data.dynamic_sampling", "false"]
 
 
 def run_dirs(sweep_dir: Path) -> set[str]:

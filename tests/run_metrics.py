@@ -1,0 +1,31 @@
+"""Reading a run's ``metrics/*.json`` and comparing two runs' iterations (shared by tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def without_times(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+def assert_same_iteration(a: dict, b: dict, name: str = "") -> None:
+    """Same problems, completions and rewards exactly; the training statistics to float noise.
+
+    The built-in server batches continuously, so which requests share a forward pass depends
+    on timing and its logprobs move in the last float bits (~1e-7, as vLLM's do): a repeated
+    iteration trains on the same rollouts with slightly different behaviour logprobs."""
+    a, b = without_times(a), without_times(b)
+    assert a.keys() == b.keys(), name
+    for key in a:
+        if key.startswith("train/") and isinstance(a[key], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), f"{name}: {key}"
+        else:
+            assert a[key] == b[key], f"{name}: {key}"
