@@ -1,19 +1,25 @@
-"""Where one GRPO iteration of the CPU default spends its time.
+"""Where one GRPO iteration of the CPU default spends its time, with and without shared prompts.
 
     uv run python benchmarks/bench_iteration.py [--iterations 6] [--config configs/sat_tiny.yaml]
+    uv run python benchmarks/bench_iteration.py --compare ""       # the config alone
 
 Runs ``fit`` on the config for a few iterations, evaluating after every one, then prints the
 mean seconds per stage from the run's ``metrics/*.json``: generate (server round trips),
 score (the environment's reward), train (every forward/backward/optimizer step of the
 iteration), sync (saving the HF folder + ``update_weights_from_disk`` + verification) and
-eval (the fixed eval set), next to the wall time per iteration. The first iteration is left
-out of the means (one-off warm-up), and shown on its own.
+eval (the fixed eval set). The first iteration is left out of the means (one-off warm-up).
+
+The same is run a second time with ``--compare`` (default ``--model.share_prompts false``:
+every completion's forward pass recomputes its prompt, the naive path), and both appear side
+by side. The runs are sequential on the same machine; the rollouts are the same in both
+(same seed), so only the training path differs in the first iteration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,38 +31,53 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"generate": "time/generate_s", "score": "time/score_s", "train": "time/train_s", "sync": "time/sync_s"}
 
 
+def run(config: str, iterations: int, overrides: list[str]) -> tuple[dict[str, float], float]:
+    """Mean seconds per stage (iterations 1..N-1) and the whole command's wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", config,
+               "--trainer.max_epochs", str(iterations), "--data.eval.interval", "1",
+               "--trainer.logger.init_args.save_dir", tmp, "--trainer.logger.init_args.name", "bench",
+               "--trainer.enable_progress_bar", "false", *overrides]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"fit failed ({' '.join(overrides) or 'config as is'}):\n{proc.stderr[-2000:]}")
+        metrics = Path(tmp) / "bench" / "version_0" / "metrics"
+        train = [json.loads((metrics / f"train_iter_{i:03d}.json").read_text()) for i in range(iterations)]
+        evals = [json.loads((metrics / f"eval_iter_{i:03d}.json").read_text()) for i in range(iterations)]
+    rows = {name: [m[key] for m in train] for name, key in STAGES.items()}
+    rows["eval"] = [e["time/eval_s"] for e in evals]
+    return {k: statistics.fmean(v[1:]) for k, v in rows.items()}, wall
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "sat_tiny.yaml"))
     ap.add_argument("--iterations", type=int, default=6)
-    ap.add_argument("overrides", nargs="*", help="extra fit arguments, e.g. --model.share_prompts false")
+    ap.add_argument("--compare", default="--model.share_prompts false",
+                    help="fit overrides of the second run ('' to skip it)")
     args = ap.parse_args()
+    if args.iterations < 2:
+        ap.error("--iterations must be at least 2 (the first one is warm-up)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", args.config,
-               "--trainer.max_epochs", str(args.iterations), "--data.eval.interval", "1",
-               "--trainer.logger.init_args.save_dir", tmp, "--trainer.logger.init_args.name", "bench",
-               "--trainer.enable_progress_bar", "false", *args.overrides]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-        wall = time.perf_counter() - t0
-        metrics = Path(tmp) / "bench" / "version_0" / "metrics"
-        train = [json.loads((metrics / f"train_iter_{i:03d}.json").read_text()) for i in range(args.iterations)]
-        evals = [json.loads((metrics / f"eval_iter_{i:03d}.json").read_text()) for i in range(args.iterations)]
-        baseline = json.loads((metrics / "eval_baseline.json").read_text())
+    plans = {"config": []}
+    if args.compare.strip():
+        plans[args.compare] = shlex.split(args.compare)
+    results = {name: run(args.config, args.iterations, overrides) for name, overrides in plans.items()}
 
-    rows = {name: [m[key] for m in train] for name, key in STAGES.items()}
-    rows["eval"] = [e["time/eval_s"] for e in evals]
-    print(f"config: {args.config} {' '.join(args.overrides)}")
-    print(f"{args.iterations} iterations, whole command {wall:.1f}s (imports, server start, baseline eval "
-          f"{baseline['time/eval_s']:.1f}s, checkpoints included)\n")
-    print("| stage | first iteration (s) | mean of the others (s) | share |")
-    print("|---|---|---|---|")
-    means = {k: statistics.fmean(v[1:]) for k, v in rows.items()}
-    total = sum(means.values())
-    for name, values in rows.items():
-        print(f"| {name} | {values[0]:.3f} | {means[name]:.3f} | {means[name] / total:.0%} |")
-    print(f"| **sum** | {sum(v[0] for v in rows.values()):.3f} | {total:.3f} | 100% |")
+    print(f"config: {Path(args.config).name}; {args.iterations} iterations per run, eval after each; "
+          f"mean seconds per iteration over iterations 1..{args.iterations - 1}\n")
+    names = list(results)
+    print("| stage | " + " | ".join(f"{n} (s)" for n in names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for stage in [*STAGES, "eval"]:
+        print(f"| {stage} | " + " | ".join(f"{results[n][0][stage]:.3f}" for n in names) + " |")
+    print("| **sum** | " + " | ".join(f"{sum(results[n][0].values()):.3f}" for n in names) + " |")
+    print("| whole command (s) | " + " | ".join(f"{results[n][1]:.1f}" for n in names) + " |")
+    if len(names) == 2:
+        a, b = (results[n][0]["train"] for n in names)
+        print(f"\ntrain: {names[1]} / config = {b / a:.2f}x")
     return 0
 
 

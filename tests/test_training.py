@@ -34,6 +34,7 @@ TINY = [
     "--model.num_iterations", "2",
     "--model.steps_per_iteration", "1",
     "--data.dynamic_sampling", "false",
+    "--model.lr", "1e-3", "--model.warmup_steps", "5", "--model.lr_schedule", "constant",
 ]
 
 # One pass per iteration, so each iteration's metrics come from the weights before its update.
