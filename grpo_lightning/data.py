@@ -114,7 +114,8 @@ class RolloutDataModule(pl.LightningDataModule):
             dynamic_sampling: drop groups whose rewards are all equal and draw fresh problems
                 to refill the batch (DAPO, Yu et al. 2025).
             dynamic_sampling_max_rounds: extra generation rounds at most; an iteration that
-                still lacks informative groups trains on what it has.
+                still lacks informative groups trains on what it has (and if it has none, on
+                its own all-equal groups, whose advantages are 0, with a warning).
             mask_truncated_completions: exclude completions cut at ``max_tokens`` from the loss
                 (DAPO's overlong filtering).
             eval: the evaluation set (see ``EvalConfig``).
@@ -332,6 +333,15 @@ class RolloutDataModule(pl.LightningDataModule):
                 all_groups += new
                 kept += [grp for grp in new if len({r.reward for r in grp}) > 1]
             groups = kept[: len(seeds)]
+            if not groups:
+                # An empty iteration would make Lightning stop the whole fit ("No training
+                # batches") with exit code 0 and no metrics: keep the loop going instead.
+                rank_zero_warn(
+                    f"iteration {iteration}: no group had different rewards after {rounds} refill rounds "
+                    f"(data.dynamic_sampling_max_rounds={self.dynamic_sampling_max_rounds}); training on "
+                    "the iteration's own groups, whose advantages are all 0"
+                )
+                groups = all_groups[: len(seeds)]
         gen_seconds = time.perf_counter() - t0
         assign_advantages(groups, self.scale_rewards, self.advantage_eps, self.mask_truncated_completions)
         rewards = [[r.reward for r in grp] for grp in all_groups]

@@ -189,3 +189,19 @@ def test_plot_draws_the_metrics_files(reference_run: Path, tmp_path: Path) -> No
     assert main(["plot", str(reference_run), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path), "-o", str(out)]) != 0  # not a run directory: an error, not a crash
+
+
+def test_dynamic_sampling_that_finds_no_signal_keeps_the_run_going(tmp_path: Path) -> None:
+    """One-token completions all score the minimum: no group ever has signal. The iteration
+    trains on its own groups (advantages 0) instead of Lightning ending the fit silently."""
+    run = fit(tmp_path, "flat", "--trainer.max_epochs", "2", "--data.max_tokens", "1",
+              "--data.dynamic_sampling", "true", "--data.dynamic_sampling_max_rounds", "2",
+              "--data.eval.num_problems", "0")
+    env = SATEnv(max_difficulty=0.34)
+    seeds = [s for s in range(0, 200) if env.accepts(s)]
+    for i in range(2):
+        m = load(run / "metrics" / f"train_iter_{i:03d}.json")
+        assert m["dynamic_sampling_rounds"] == 2 and m["frac_reward_zero_std"] == 1.0
+        assert m["groups_trained"] == 4 and m["problem_seeds"] == seeds[4 * i : 4 * i + 4]  # the iteration's own
+        assert m["train/loss/policy"] == 0.0 and m["train/optimizer_steps"] >= 1
+    assert (run / "checkpoints" / "last.ckpt").exists()
