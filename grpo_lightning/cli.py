@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -33,28 +32,23 @@ from .callbacks import (
     save_hf_atomic,
     write_json_atomic,
 )
+from .commands import EXTRA_SUBCOMMANDS, run_extra
 from .data import RolloutDataModule
 from .inference.client import GenerationError, ServerUnavailable
 from .inference.weight_sync import WeightSyncError
 from .module import GRPOModule, NonFiniteError
-
-EXTRA_SUBCOMMANDS = {
-    "serve": ("grpo_lightning.inference.server", "Run the built-in OpenAI-compatible inference server."),
-    "sweep": ("grpo_lightning.sweep", "Run a grid or random hyperparameter sweep of fit runs."),
-    "plot": ("grpo_lightning.plot", "Draw success/reward curves of runs from their metrics files."),
-}
 
 # Failures we name ourselves: the message says what happened, a traceback would bury it.
 # GRPO_LIGHTNING_DEBUG=1 lets them propagate with their traceback.
 KNOWN_ERRORS = (ServerUnavailable, GenerationError, WeightSyncError, NonFiniteError, ValueError)
 DEBUG_ENV = "GRPO_LIGHTNING_DEBUG"
 
-DESCRIPTION = """grpo-lightning: offline GRPO training on verifiable tasks.
-
-subcommands: fit (train), validate (evaluate a policy on the eval set),
-serve (built-in inference server), sweep (hyperparameter sweeps),
-plot (learning curves from run directories).
-Run `python -m grpo_lightning SUBCOMMAND --help` for each one's options."""
+DESCRIPTION = (
+    "grpo-lightning: offline GRPO training on verifiable tasks.\n\nsubcommands: fit (train), "
+    "validate (evaluate a policy on the eval set), "
+    + ", ".join(f"{name} ({text})" for name, (_, text) in EXTRA_SUBCOMMANDS.items())
+    + ".\nRun `python -m grpo_lightning SUBCOMMAND --help` for each one's options."
+)
 
 
 class GRPOTrainer(Trainer):
@@ -199,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     Known failures print one line, ``error: <what happened>``, on stderr.
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in EXTRA_SUBCOMMANDS:
-        module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]][0])
-        return int(module.main(args[1:]) or 0)
+    code = run_extra(args)
+    if code is not None:
+        return code
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         build_cli(None if argv is None else args, exit_on_error=False)

@@ -234,11 +234,11 @@ class RolloutDataModule(pl.LightningDataModule):
             self.start_server()
 
     def start_server(self) -> None:
-        log_dir = self.run_dir or Path(".")
         self.server = ManagedServer(
             self.server_config,
             self.model_name_or_path,
-            log_path=log_dir / "server.log",
+            # Outside a run (tests, scripts) ManagedServer picks a temporary file.
+            log_path=self.run_dir / "server.log" if self.run_dir else None,
             trust_remote_code=self.trust_remote_code,
         )
         self.server.start()

@@ -260,32 +260,51 @@ class GRPOModule(pl.LightningModule):
 
     @torch.no_grad()
     def _precompute_fixed_logprobs(self) -> None:
-        """Reference and old-policy log-probabilities, once per iteration (before any step)."""
-        need_ref, need_old = self.ref_model is not None, self.hparams.tis_cap is not None
+        """Reference and old-policy log-probabilities, once per iteration (before any step), for
+        every rollout this rank trains on in any pass (passes deal rollouts to ranks afresh)."""
+        h = self.hparams
+        need_ref = self.ref_model is not None
+        # With a single optimizer step per iteration the old policy is the current one:
+        # training_step uses its own detached log-probabilities, no extra forward pass.
+        need_old = h.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
         if not (need_ref or need_old):
             return
         micro = self.trainer.train_dataloader.dataset
         rollouts = micro.rollouts.rollouts
         seen: set[int] = set()
         for k, mb in enumerate(micro.schedule):
-            if not mb.indices or mb.pass_index != 0 or set(mb.indices) <= seen:
+            if not mb.indices or set(mb.indices) <= seen:
                 continue
             seen.update(mb.indices)
             batch = self.trainer.strategy.batch_to_device(micro[k], self.device)
             mask = batch["loss_mask"].bool()
             outs = {}
-            if need_ref:
-                outs["ref_logprobs"] = self.logprobs(self.ref_model, batch, with_entropy=False)[0]
-            if need_old:
-                self.policy.eval()
-                outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
-                self.policy.train()
+            # The same autocast as training_step (bf16-mixed on CUDA), or KL and ratios would
+            # start away from 0 and 1 by the precision gap alone.
+            with self.trainer.precision_plugin.forward_context():
+                if need_ref:
+                    outs["ref_logprobs"] = self.logprobs(self.ref_model, batch, with_entropy=False)[0]
+                if need_old:
+                    self.policy.eval()
+                    outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
+                    self.policy.train()
             for row, idx in enumerate(mb.indices):
                 r = rollouts[idx]
                 for key, lp in outs.items():
                     # Rows of masked (untrainable) rollouts are zeros; they never enter the loss.
                     values = lp[row][mask[row]].tolist() if mask[row].any() else [0.0] * len(r.completion_ids)
                     setattr(r, key, values)
+
+    def _fixed_logprobs(self, batch: dict[str, Any], key: str, logp: torch.Tensor) -> torch.Tensor:
+        """``batch[key]`` from ``_precompute_fixed_logprobs``. Absent only where nothing was
+        precomputed: old logprobs with one step per iteration (the current policy's), or a
+        micro-batch without loss tokens (DDP padding)."""
+        if key in batch:
+            return batch[key]
+        one_step = self.hparams.num_iterations * self.hparams.steps_per_iteration == 1
+        if (key == "old_logprobs" and one_step) or not bool(batch["loss_mask"].any()):
+            return logp.detach()
+        raise RuntimeError(f"{key} missing for a micro-batch with loss tokens (not precomputed)")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.policy is not None
@@ -301,8 +320,8 @@ class GRPOModule(pl.LightningModule):
             mask,
             self.loss_config,
             Normalizer(**batch["normalizer"]),
-            old_logp=batch.get("old_logprobs", logp.detach()) if self.hparams.tis_cap is not None else None,
-            ref_logp=batch.get("ref_logprobs", logp.detach()) if self.ref_model is not None else None,
+            old_logp=self._fixed_logprobs(batch, "old_logprobs", logp) if self.hparams.tis_cap is not None else None,
+            ref_logp=self._fixed_logprobs(batch, "ref_logprobs", logp) if self.ref_model is not None else None,
             entropy=entropy,
         )
         loss = out.loss

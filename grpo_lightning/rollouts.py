@@ -338,15 +338,19 @@ def build_schedule(
                 num_tokens_global=sum(dataset.loss_tokens(i) for i in step_indices),
                 world_size=world_size,
             )
-            lengths = [_unit_cost(dataset, units[u], share_prompts) for u in step_units]
-            plan = plan_micro_batches(
-                lengths,
-                micro_batch_size=None if max_tokens_per_micro_batch else max(1, micro_batch_size // unit_size),
-                max_tokens_per_micro_batch=max_tokens_per_micro_batch,
-            )
-            per_rank = -(-len(plan) // world_size)
-            mine = [[i for j in plan[k] for i in units[step_units[j]]] for k in range(rank, len(plan), world_size)]
-            mine += [[] for _ in range(per_rank - len(mine))]
+            # Deal the step's units to the ranks, then cut each rank's share into micro-batches
+            # (micro_batch_size is per device, as in Lightning), so every rank does its part.
+            plans = []
+            for r in range(world_size):
+                shard = step_units[r::world_size]
+                plan = plan_micro_batches(
+                    [_unit_cost(dataset, units[u], share_prompts) for u in shard],
+                    micro_batch_size=None if max_tokens_per_micro_batch else max(1, micro_batch_size // unit_size),
+                    max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+                )
+                plans.append([[i for j in mb for i in units[shard[j]]] for mb in plan])
+            per_rank = max(len(plan) for plan in plans)
+            mine = plans[rank] + [[] for _ in range(per_rank - len(plans[rank]))]
             local_tokens = sum(dataset.loss_tokens(i) for mb in mine for i in mb)
             local = Normalizer(
                 num_sequences=norm.num_sequences,

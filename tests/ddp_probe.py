@@ -1,4 +1,5 @@
-"""A callback for the DDP test: each rank writes a digest of its policy weights."""
+"""A callback for the DDP test: each rank writes a digest of its policy weights, and how many
+of the rollouts it trains on lack reference log-probabilities."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import torch
 
 
 class WeightDigest(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        micro = trainer.train_dataloader.dataset
+        mine = {i for mb in micro.schedule for i in mb.indices}
+        missing = sum(micro.rollouts.rollouts[i].ref_logprobs is None for i in mine)
+        (Path(trainer.log_dir) / f"missing_ref_rank{trainer.global_rank}.txt").write_text(f"{missing} of {len(mine)}")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         h = hashlib.sha256()
         for name, p in sorted(pl_module.state_dict().items()):

@@ -43,9 +43,9 @@ import httpx
 import pytest
 import torch
 import yaml
+from helpers import assert_same_iteration, load, without_times
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from run_metrics import assert_same_iteration, load, without_times
 from safetensors.torch import load_file
 
 from grpo_lightning.callbacks import AtomicCheckpointIO

@@ -12,20 +12,13 @@ import time
 
 import httpx
 import pytest
+from helpers import pid_alive
 from jsonargparse import ArgumentParser
 from test_inference_client import FakeServer
 
 from grpo_lightning.inference.client import GenerationRequest, SamplingParams, ServerUnavailable
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig, server_argv, server_env
 from grpo_lightning.inference.weight_sync import WeightSyncError, sync_weights
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_gone(pid: int, seconds: float = 20.0) -> bool:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import time
 
 import httpx
 import openai
 import pytest
 import torch
+from helpers import pid_alive
 from test_inference_sampling import reference
 
 from grpo_lightning.envs.sat import SATEnv
@@ -28,14 +28,6 @@ from grpo_lightning.models import load_policy
 API_KEY = "test-key"
 MAX_BYTES = 1 << 20
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")

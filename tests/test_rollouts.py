@@ -112,6 +112,12 @@ def test_schedule_shards_evenly_over_ranks() -> None:
         assert sorted(both) == sorted(i for mb in single if mb.pass_index == p for i in mb.indices)
     assert r0[0].normalizer.num_tokens_global == single[0].normalizer.num_tokens_global
     assert r0[0].normalizer.num_tokens_local + r1[0].normalizer.num_tokens_local == single[0].normalizer.num_tokens_global
+    # A step that fits one micro-batch is still split over the ranks: both do half the work.
+    kw = dict(num_iterations=2, steps_per_iteration=2, micro_batch_size=16, max_tokens_per_micro_batch=None,
+              seed=1, world_size=2, share_prompts=True)
+    ds = RolloutDataset([r for g in groups_of(4, 4) for r in g])
+    for rank in (0, 1):
+        assert [len(mb.indices) for mb in build_schedule(ds, rank=rank, **kw)] == [4, 4, 4, 4]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_metrics import assert_same_iteration, load
+from helpers import assert_same_iteration, load
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
@@ -148,8 +148,11 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pyte
 
 def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path: Path) -> None:
     """Two ranks train one iteration: their weights stay identical and equal a single-process
-    run on the same rollouts (the loss normalisation accounts for the ranks)."""
-    common = ["--trainer.max_epochs", "1", "--data.eval.num_problems", "0"]
+    run on the same rollouts (the loss normalisation accounts for the ranks). Two passes of two
+    steps with a KL term: each pass deals rollouts to the ranks afresh, so a rank needs reference
+    log-probabilities for rollouts it did not see in the first pass."""
+    common = ["--trainer.max_epochs", "1", "--data.eval.num_problems", "0", "--model.kl_coef", "0.05",
+              "--model.num_iterations", "2", "--model.steps_per_iteration", "2"]
     single = fit(tmp_path, "single", *common)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", CONFIG, *TINY, *common,
@@ -162,6 +165,9 @@ def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path: Path) -> None:
     d0 = (run / "digest_rank0.txt").read_text()
     d1 = (run / "digest_rank1.txt").read_text()
     assert d0 == d1
+    for rank in (0, 1):
+        missing, _, total = (run / f"missing_ref_rank{rank}.txt").read_text().split()
+        assert missing == "0" and int(total) > 0, rank  # every rank trains, on precomputed references
     m = load(run / "metrics" / "train_iter_000.json")
     ref = load(single / "metrics" / "train_iter_000.json")
     assert m["problem_seeds"] == ref["problem_seeds"]

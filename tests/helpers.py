@@ -1,8 +1,9 @@
-"""Reading a run's ``metrics/*.json`` and comparing two runs' iterations (shared by tests)."""
+"""Helpers shared by test modules: run metrics files, comparing iterations, process liveness."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,11 @@ def assert_same_iteration(a: dict, b: dict, name: str = "") -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), f"{name}: {key}"
         else:
             assert a[key] == b[key], f"{name}: {key}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
