@@ -14,7 +14,6 @@ policy after ``i`` iterations (step ``i``); the evaluation after iteration ``i``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -34,6 +33,7 @@ from .data import RolloutDataModule
 from .inference.launch import sync_weights
 from .module import GRPOModule, NonFiniteError
 from .rollouts import Rollout
+from .runfiles import replace_durably, write_json_atomic
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -46,47 +46,6 @@ def run_dir(trainer: pl.Trainer) -> Path:
     if isinstance(dm, RolloutDataModule) and dm.run_dir is not None:
         return dm.run_dir
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
-    replace_durably(tmp, path)
-
-
-def replace_durably(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` (a file or a folder of files) to ``target`` once its bytes are on disk.
-
-    The rename alone survives a killed process; the fsyncs also survive a power cut, after
-    which a renamed but never flushed file could otherwise be empty.
-    """
-    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN; keep the key with null so files have a fixed shape.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 def save_hf_atomic(module: GRPOModule, target: Path) -> Path:
@@ -196,7 +155,7 @@ class EvaluationCallback(pl.Callback):
             return None
         dm = trainer.datamodule
         metrics, rollouts = dm.evaluate()
-        write_json_atomic(run_dir(trainer) / "metrics" / f"eval_{tag}.json", {"step": step, **_clean(metrics)})
+        write_json_atomic(run_dir(trainer) / "metrics" / f"eval_{tag}.json", {"step": step, **metrics})
         _log_scalars(trainer, {f"eval/{k}": v for k, v in metrics.items()}, step)
         tb = _tensorboard(trainer)
         if tb is not None:
@@ -230,7 +189,7 @@ class MetricsFileCallback(pl.Callback):
         sync = next((cb.last_report for cb in trainer.callbacks if isinstance(cb, WeightSyncCallback)), {})
         stats = {k: v for k, v in dm.last_stats.items() if k != "problem_seeds"}
         stats["server/restarts"] = dm.server_restarts
-        payload = {"iteration": i, **_clean(stats), **_clean(metrics), **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
+        payload = {"iteration": i, **stats, **metrics, **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
         write_json_atomic(run_dir(trainer) / "metrics" / f"train_iter_{i:03d}.json", payload)
         _log_scalars(trainer, {**stats, **metrics, **{k: v for k, v in sync.items() if k.startswith("time/")}}, step=i)
         tb = _tensorboard(trainer)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,13 @@ from .callbacks import (
     WeightSyncCallback,
     run_dir,
     save_hf_atomic,
-    write_json_atomic,
 )
 from .commands import EXTRA_SUBCOMMANDS, run_extra
 from .data import RolloutDataModule
 from .inference.client import GenerationError, ServerUnavailable
 from .inference.weight_sync import WeightSyncError
 from .module import GRPOModule, NonFiniteError
+from .runfiles import write_json_atomic
 
 # Failures we name ourselves: the message says what happened, a traceback would bury it.
 # GRPO_LIGHTNING_DEBUG=1 lets them propagate with their traceback.
@@ -110,10 +111,9 @@ class GRPOCLI(LightningCLI):
     def validate(self, model: GRPOModule, datamodule: RolloutDataModule, ckpt_path: str | None = None, **_: Any) -> None:
         """Evaluate a policy (the config's model, or ``--ckpt_path``) on the eval set."""
         trainer = self.trainer
-        model.configure_model()
-        if ckpt_path:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-            model.load_state_dict(state)
+        if ckpt_path:  # otherwise the server loads the config's model itself: nothing to load here
+            model.configure_model(reference=False)
+            model.load_state_dict(trainer.strategy.checkpoint_io.load_checkpoint(ckpt_path)["state_dict"])
         datamodule.trainer = trainer
         datamodule.setup("validate")
         try:
@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(exc), code=1)
+    except pickle.UnpicklingError as exc:
+        # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only), before our loader.
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(f"--ckpt_path is not a plain tensor checkpoint ({first})", code=1)
     return 0
 
 

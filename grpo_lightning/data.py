@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +161,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.server: ManagedServer | None = None
         self.client: RolloutClient | None = None
         self.tokenizer: Any = None
+        self.stop_token_ids: list[int] = []
         self.train_seeds: list[int] = []
         self.eval_seeds: list[int] = []
         self.last_stats: dict[str, Any] = {}
@@ -221,6 +222,7 @@ class RolloutDataModule(pl.LightningDataModule):
             # Collective under DDP: every rank must ask (see callbacks.run_dir).
             self.run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.model_name_or_path)
         env = self.make_env()
         self.train_seeds = _accepted_seeds(env, self.train_seed_start, self.num_train_seeds)
         self.eval_seeds = _accepted_seeds(env, self.eval_config.seed_start, self.eval_config.num_problems)
@@ -262,7 +264,7 @@ class RolloutDataModule(pl.LightningDataModule):
             temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
             top_k=self.top_k,
-            stop_token_ids=stop_token_ids(self.tokenizer, self.model_name_or_path),
+            stop_token_ids=self.stop_token_ids,
         )
 
     def generator(self, temperature: float | None = None) -> RolloutGenerator:
@@ -419,14 +421,6 @@ class RolloutDataModule(pl.LightningDataModule):
         )
         metrics["time/eval_s"] = time.perf_counter() - t0
         return metrics, [r for g in groups for r in g]
-
-    def describe(self) -> dict[str, Any]:
-        """The resolved problem sets, for the run directory."""
-        return {
-            "train_seeds": self.train_seeds,
-            "eval_seeds": self.eval_seeds,
-            "eval": asdict(self.eval_config),
-        }
 
 
 def _server_checks(c: ServerConfig) -> dict[str, bool]:

@@ -8,6 +8,7 @@ loss normalisation exact under any micro-batching and lets a non-finite step be 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -184,20 +185,22 @@ class GRPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ models
 
-    def configure_model(self) -> None:
+    def configure_model(self, reference: bool = True) -> None:
+        """Load the policy, and the frozen reference model when ``kl_coef > 0`` and ``reference``."""
         if self.policy is not None:
             return
         h = self.hparams
         self.policy = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
+        if reference and h.kl_coef > 0:
+            # The initial policy, copied before anything changes it (no second read from disk).
+            ref = copy.deepcopy(self.policy)
+            ref.requires_grad_(False).eval()
+            self._ref = [ref]
         self.policy.config.use_cache = False
         self.policy.train()
         if h.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
-        if h.kl_coef > 0:
-            ref = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
-            ref.requires_grad_(False).eval()
-            self._ref = [ref]
 
     @property
     def ref_model(self) -> torch.nn.Module | None:

@@ -12,7 +12,6 @@ at 0, the rollouts of iteration i at i, the eval after iteration i at i + 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,27 +20,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .runfiles import read_evals, read_train  # noqa: E402
+
 PANELS = (("success rate", "success_rate", "reward/success_rate"),
           ("mean reward", "reward_mean", "reward/reward_mean"))
 
 
 def load_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """``{"eval/<key>": [(step, value)], "train/<key>": [...]}`` for the two plotted metrics."""
-    metrics = Path(run_dir) / "metrics"
-    if not metrics.is_dir():
+    if not (Path(run_dir) / "metrics").is_dir():
         raise ValueError(f"{run_dir} has no metrics/ folder (is it a run directory?)")
+    evals, train = read_evals(run_dir), read_train(run_dir)
     curves: dict[str, list[tuple[int, float]]] = {}
     for _, eval_key, train_key in PANELS:
-        evals = []
-        for path in sorted(metrics.glob("eval_*.json")):
-            data = json.loads(path.read_text())
-            evals.append((int(data["step"]), float(data[eval_key])))
-        train = []
-        for path in sorted(metrics.glob("train_iter_*.json")):
-            data = json.loads(path.read_text())
-            train.append((int(data["iteration"]), float(data[train_key])))
-        curves[f"eval/{eval_key}"] = sorted(evals)
-        curves[f"train/{eval_key}"] = sorted(train)
+        curves[f"eval/{eval_key}"] = [(step, float(e[eval_key])) for step, e in evals.items()]
+        curves[f"train/{eval_key}"] = [(m["iteration"], float(m[train_key])) for m in train]
     return curves
 
 

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .runfiles import read_evals, write_text_atomic
+
 STATUS_ORDER = {"ok": 0, "running": 1, "interrupted": 2, "pending": 3, "failed": 4}
 METRICS = ("final_success_rate", "best_success_rate", "final_reward_mean", "best_reward_mean",
            "baseline_success_rate", "final_iteration", "wall_s")
@@ -324,13 +326,9 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 
     final: the eval of the highest iteration; best: the maximum over ``eval_iter_*`` (the
     baseline is its own column, never "best"); final_iteration: that highest iteration."""
-    evals: dict[int, dict[str, Any]] = {}
-    for p in (run_dir / "metrics").glob("eval_iter_*.json"):
-        with contextlib.suppress(ValueError, OSError):
-            evals[int(p.stem.rsplit("_", 1)[1])] = json.loads(p.read_text())
-    baseline: dict[str, Any] = {}
-    with contextlib.suppress(ValueError, OSError):
-        baseline = json.loads((run_dir / "metrics" / "eval_baseline.json").read_text())
+    curve = read_evals(run_dir)
+    baseline = curve.get(0, {})
+    evals = {step - 1: e for step, e in curve.items() if step > 0}  # by iteration
     final = evals[max(evals)] if evals else {}
 
     def best(key: str) -> float | None:
@@ -344,8 +342,7 @@ def read_results(run_dir: Path) -> dict[str, Any]:
         "best_reward_mean": best("reward_mean"),
         "baseline_success_rate": baseline.get("success_rate"),
         "final_iteration": max(evals) if evals else None,
-        "_curve": sorted([(e.get("step", i + 1), e) for i, e in evals.items()]
-                         + ([(baseline.get("step", 0), baseline)] if baseline else []), key=lambda x: x[0]),
+        "_curve": list(curve.items()),
     }
 
 
@@ -403,12 +400,6 @@ def write_hparams(sweep_dir: Path, run: Run, results: dict[str, Any]) -> None:
         writer.file_writer.add_summary(hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end))
     finally:
         writer.close()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fmt(value: Any) -> str:
@@ -474,7 +465,7 @@ class Sweep:
     def save(self) -> None:
         runs = [{f.name: getattr(r, f.name) for f in fields(r) if f.metadata.get("saved", True)} for r in self.runs]
         payload = {"name": self.name, "command": shlex.join(self.command), "base": self.base, **self.spec, "runs": runs}
-        write_atomic(self.dir / "sweep.json", json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(self.dir / "sweep.json", json.dumps(payload, indent=2) + "\n")
 
     def prepare(self) -> list[Run]:
         """Match the plan against the manifest; return the runs to start, in plan order.
@@ -540,7 +531,7 @@ class Sweep:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-        write_atomic(self.dir / "summary.csv", buf.getvalue())
+        write_text_atomic(self.dir / "summary.csv", buf.getvalue())
 
         counts = {s: sum(r.status == s for r in self.runs) for s in STATUS_ORDER}
         lines = [f"# Sweep `{self.name}`", "", f"`{shlex.join(['python', *self.command[1:]])}`", "",
@@ -559,7 +550,7 @@ class Sweep:
             lines += ["", f"## {run.name} failed (exit code {run.returncode}): {self.describe(run)}", "",
                       "```", run.error_tail or "", "```", f"Full output: `{run.run_dir}/output.log`"]
         md = "\n".join(lines) + "\n"
-        write_atomic(self.dir / "summary.md", md)
+        write_text_atomic(self.dir / "summary.md", md)
         self.save()
         return md
 

@@ -135,6 +135,7 @@ def test_dynamic_sampling_replaces_groups_without_signal() -> None:
     try:
         plain = RolloutDataModule(**common)
         plain.tokenizer, plain.client, plain.train_seeds = dynamic.tokenizer, dynamic.client, dynamic.train_seeds
+        plain.stop_token_ids = dynamic.stop_token_ids
         plain.server = dynamic.server
         base, base_stats = plain.generate_iteration(0)
         groups, stats = dynamic.generate_iteration(0)

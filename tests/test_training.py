@@ -195,6 +195,12 @@ def test_plot_draws_the_metrics_files(reference_run: Path, tmp_path: Path) -> No
     assert main(["plot", str(reference_run), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path), "-o", str(out)]) != 0  # not a run directory: an error, not a crash
+    # validate writes eval_validate.json (no step) into the run directory: not a point on the curve.
+    (reference_run / "metrics" / "eval_validate.json").write_text('{"success_rate": 0.5, "reward_mean": 0.1}')
+    try:
+        assert load_curves(reference_run)["eval/success_rate"] == curves["eval/success_rate"]
+    finally:
+        (reference_run / "metrics" / "eval_validate.json").unlink()
 
 
 def test_dynamic_sampling_that_finds_no_signal_keeps_the_run_going(tmp_path: Path) -> None:
@@ -211,3 +217,17 @@ def test_dynamic_sampling_that_finds_no_signal_keeps_the_run_going(tmp_path: Pat
         assert m["groups_trained"] == 4 and m["problem_seeds"] == seeds[4 * i : 4 * i + 4]  # the iteration's own
         assert m["train/loss/policy"] == 0.0 and m["train/optimizer_steps"] >= 1
     assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_validate_a_checkpoint_reproduces_the_runs_last_eval(reference_run: Path, tmp_path: Path) -> None:
+    """``validate --ckpt_path`` serves the checkpoint's weights: the same eval set and sampling
+    seeds give the numbers the run logged after its last iteration."""
+    assert main(["validate", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 "--trainer.logger.init_args.name", "val", *TINY, *REF_EXTRA,
+                 "--ckpt_path", str(reference_run / "checkpoints" / "last.ckpt")]) == 0
+    got = load(tmp_path / "val" / "version_0" / "metrics" / "eval_validate.json")
+    want = load(reference_run / "metrics" / "eval_iter_002.json")
+    for key in ("success_rate", "reward_mean", "pass@2", "num_completions"):
+        assert got[key] == want[key], key
+    assert main(["validate", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 *TINY, "--ckpt_path", str(reference_run / "metrics" / "eval_iter_002.json")]) == 1  # not a checkpoint
