@@ -52,10 +52,11 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .inference.launch import signal_group
 from .runfiles import read_evals, write_text_atomic
 
 STATUS_ORDER = {"ok": 0, "running": 1, "interrupted": 2, "pending": 3, "failed": 4}
@@ -199,8 +200,9 @@ def quiet() -> Iterator[None]:
 def validate(base_args: list[str], run: Run, sweep_dir: Path, devices_per_run: int) -> str | None:
     """The error of one combination (naming the key), or None when the fit CLI accepts it.
 
-    With GPU sets, also notes in ``run.server_pin`` the managed server's GPU (an index among
-    the run's own GPUs) and its ``data.server.env``, for ``server_args``."""
+    With GPU sets, ``data.server.gpu`` counts among the run's own GPUs: the run's trainer sees
+    only them (``child_env``) and ``launch.server_env`` maps the index through its
+    ``CUDA_VISIBLE_DEVICES``."""
     try:
         cli = build_cli(base_args + override_args(run.overrides) + logger_args(sweep_dir, run.version))
     except Exception as exc:  # jsonargparse.ArgumentError, ValueError from the __init__ checks, ...
@@ -216,21 +218,7 @@ def validate(base_args: list[str], run: Run, sweep_dir: Path, devices_per_run: i
         if isinstance(gpu, int) and gpu >= devices_per_run:
             return (f"data.server.gpu={gpu} but each run sees GPUs 0..{devices_per_run - 1} "
                     f"(--devices-per-run {devices_per_run})")
-        if isinstance(gpu, int) and not cli.config.data.server.urls:
-            run.server_pin = (gpu, dict(cli.config.data.server.env or {}))
     return None
-
-
-def server_args(pin: tuple[int, dict[str, str]] | None, gpus: list[str] | None) -> list[str]:
-    """Put a run's managed server on its own GPU set.
-
-    ``launch.server_env`` turns ``data.server.gpu=j`` into CUDA_VISIBLE_DEVICES=j for the server
-    process, which counts from the machine's GPUs, not the run's; ``data.server.env`` is applied
-    last, so the sweep passes the run's ``j``-th GPU there (merged with the configured env)."""
-    if pin is None or not gpus:
-        return []
-    gpu, env = pin
-    return ["--data.server.env", json.dumps({**env, "CUDA_VISIBLE_DEVICES": gpus[gpu]})]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -252,7 +240,6 @@ class Run:
     resume_from: str | None = None
     error_tail: str | None = None
     previous_run_dirs: list[str] | None = None
-    server_pin: tuple[int, dict[str, str]] | None = field(default=None, repr=False, metadata={"saved": False})
 
     @property
     def name(self) -> str:
@@ -311,11 +298,6 @@ class Child:
     log: Any
     gpus: list[str] | None
     t0: float
-
-
-def signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
 
 
 # ---------------------------------------------------------------------------- results
@@ -560,7 +542,7 @@ class Sweep:
         run_dir = self.dir / run.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "grpo_lightning", "fit", "--config", self.args.config, *self.fit_args,
-                *override_args(run.overrides), *logger_args(self.dir, run.version), *server_args(run.server_pin, gpus)]
+                *override_args(run.overrides), *logger_args(self.dir, run.version)]
         if run.resume_from:
             argv += ["--ckpt_path", str(self.dir / run.resume_from)]
         log = open(run_dir / "output.log", "ab")  # noqa: SIM115 - closed in finish()

@@ -94,3 +94,18 @@ def test_weights_must_fit_the_served_model(engine):
     del params["model.norm.weight"]
     with pytest.raises(ValueError, match="missing"):
         engine.check_weights(params)
+
+
+def test_a_stopped_engine_refuses_requests_and_weight_swaps_instead_of_hanging(tiny_sat_path, tiny_tokenizer):
+    eng = GenerationEngine(load_policy(tiny_sat_path), stop_token_ids(tiny_tokenizer, tiny_sat_path))
+    eng.start()
+    tensors = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    eng.close()
+
+    async def swap():
+        await asyncio.wait_for(eng.swap_weights(tensors, "x", "p"), timeout=5)
+
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(swap())
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(eng.generate([[1, 2, 3]], SamplingOptions(max_tokens=2), [0]))

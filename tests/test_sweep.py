@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from grpo_lightning import sweep
+from grpo_lightning.inference.launch import ServerConfig, server_env
 from grpo_lightning.sweep import Distribution, Sweep, gpu_plan, parse_args, plan, split_values
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sat_tiny.yaml")
@@ -277,9 +278,11 @@ def test_gpu_sets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cores = len(os.sched_getaffinity(0))
     assert sets("--parallel", "2") == (None, 0, max(1, cores // 2))
-    # data.server.gpu=1 means the run's second GPU; the server gets it through data.server.env.
-    assert sweep.server_args((1, {"HF_HOME": "/x"}), ["6", "7"]) == [
-        "--data.server.env", '{"HF_HOME": "/x", "CUDA_VISIBLE_DEVICES": "7"}']
-    assert sweep.server_args(None, ["6", "7"]) == sweep.server_args((0, {}), None) == []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     env = sweep.child_env(["6", "7"], 3)
-    assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and env["OMP_NUM_THREADS"] == os.environ.get("OMP_NUM_THREADS", "3")
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and env["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert sweep.child_env(None, 3)["OMP_NUM_THREADS"] == "5"  # a value the user set wins
+    # Inside a run (CUDA_VISIBLE_DEVICES=6,7), data.server.gpu=1 is the run's second GPU.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env["CUDA_VISIBLE_DEVICES"])
+    assert server_env(ServerConfig(gpu=1, env={"HF_HOME": "/x"})) == {"CUDA_VISIBLE_DEVICES": "7", "HF_HOME": "/x"}

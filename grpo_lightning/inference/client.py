@@ -94,6 +94,11 @@ class _Retryable(Exception):
     """An attempt failed in a way another attempt may not."""
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header every server here (built-in, vLLM, SGLang) checks an API key in."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class RolloutClient:
     """Async client with bounded concurrency, timeouts, retries and several URLs.
 
@@ -147,7 +152,7 @@ class RolloutClient:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return auth_headers(self.api_key)
 
     # ------------------------------------------------------------------ public API
     async def agenerate(

@@ -231,8 +231,10 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         with self._cv:
-            if self._swap is not None:
-                raise RuntimeError("another weight update is in progress")
+            # Callers serialise updates (the server's update lock); a dead loop would never
+            # settle ``done``, so refuse instead of hanging the request.
+            if self._closing or not self._thread.is_alive():
+                raise RuntimeError("the generation engine is shut down")
             self._swap = (tensors, checksum, model_path, done, loop)
             self._cv.notify()
         await done

@@ -36,7 +36,13 @@ from typing import Literal
 
 import httpx
 
-from .client import GenerationRequest, RolloutClient, SamplingParams, ServerUnavailable
+from .client import (
+    GenerationRequest,
+    RolloutClient,
+    SamplingParams,
+    ServerUnavailable,
+    auth_headers,
+)
 from .weight_sync import SyncReport, WeightSyncError, sync_weights
 
 __all__ = [
@@ -318,16 +324,16 @@ class ManagedServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
-                _signal_group(proc.pid, signal.SIGTERM)
+                signal_group(proc.pid, signal.SIGTERM)
                 # A stopped (SIGSTOP) server only sees the SIGTERM once it runs again.
-                _signal_group(proc.pid, signal.SIGCONT)
+                signal_group(proc.pid, signal.SIGCONT)
                 try:
                     proc.wait(timeout=self.config.stop_timeout)
                 except subprocess.TimeoutExpired:
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
                 # Workers that outlived the leader (vLLM/SGLang engine processes) go too.
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
             finally:
                 _LIVE.discard(self)
         if self._log is not None:
@@ -383,7 +389,7 @@ class ManagedServer:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        headers = auth_headers(self.config.api_key)
         path = HEALTH_PATHS[self.config.backend]
         with httpx.Client(timeout=5.0, headers=headers) as http:
             for url in self.urls:
@@ -434,7 +440,8 @@ class ManagedServer:
         return f"log {self.log_path}: " + " | ".join(tail)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group that may be gone already."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 

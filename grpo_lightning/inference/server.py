@@ -348,7 +348,10 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
                     status_code=400,
                 )
             checksum = await asyncio.to_thread(state_dict_checksum, tensors)
-            await engine.swap_weights(tensors, checksum, path)
+            try:
+                await engine.swap_weights(tensors, checksum, path)
+            except RuntimeError as exc:
+                raise ApiError(503, str(exc)) from exc
             seconds = time.perf_counter() - start
         log.info("serving weights from %s (checksum %s) after %.2fs", path, checksum, seconds)
         return JSONResponse(

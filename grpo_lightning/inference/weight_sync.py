@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .client import GenerationRequest, RolloutClient, SamplingParams, ServerUnavailable
+from .client import (
+    GenerationRequest,
+    RolloutClient,
+    SamplingParams,
+    ServerUnavailable,
+    auth_headers,
+)
 
 if TYPE_CHECKING:  # launch.py re-exports this module's API, so it cannot be imported here
     from .launch import ManagedServer
@@ -100,7 +106,7 @@ def sync_weights(
     if not Path(model_dir).is_dir():
         raise WeightSyncError(f"no checkpoint folder at {model_dir}")
     chosen = _resolve_method(method, backend, can_restart=managed is not None and managed.managed)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
 
     start = time.perf_counter()
     with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
