@@ -48,11 +48,22 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def save_hf_atomic(module: GRPOModule, target: Path) -> Path:
-    """Save the policy as an HF folder under a temporary name, then swap it into ``target``."""
+def save_hf_atomic(module: GRPOModule, target: Path, same_as: Path | None = None) -> Path:
+    """Save the policy as an HF folder under a temporary name, then swap it into ``target``.
+
+    ``same_as``: a folder already holding exactly these weights (the one just synced to the
+    server): its files are hard-linked instead of serialising and writing the model again."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.save_hf(tmp)
+    try:
+        if same_as is None:
+            raise OSError("nothing to link")
+        for f in (f for f in same_as.rglob("*") if f.is_file()):
+            (tmp / f.relative_to(same_as)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, tmp / f.relative_to(same_as))
+    except OSError:  # no source, or a filesystem without hard links
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_hf(tmp)
     old = target.with_name(target.name + ".old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -94,6 +105,8 @@ class WeightSyncCallback(pl.Callback):
         """
         self.verify = verify
         self.last_report: dict[str, Any] = {}
+        self.synced: tuple[Path, int] | None = None
+        """The folder last pushed and the optimizer step its weights are from."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A launched server starts with the original weights; a resumed run must serve the
@@ -114,19 +127,24 @@ class WeightSyncCallback(pl.Callback):
         if trainer.is_global_zero:
             t0 = time.perf_counter()
             folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
+            self.synced = (folder, trainer.global_step)
             save_s = time.perf_counter() - t0
             assert dm.server is not None
-            report = sync_weights(dm.server, folder, probe=pl_module.probe_logprobs if self.verify else None)
+            # The built-in server's checksum already proves which weights it serves; the
+            # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
+            probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
+            report = sync_weights(dm.server, folder, probe=probe)
             if report.method == "restart" and dm.server_config.sync != "restart":
                 dm.server_restarts += 1  # the server failed the in-place update: it was restarted on the weights
             self.last_report = {
-                "time/sync_s": save_s + report.seconds,
+                "time/sync_s": save_s + report.seconds + report.verify_seconds,
                 "time/sync_save_s": save_s,
+                "time/sync_verify_s": report.verify_seconds,
                 "sync/method": report.method,
                 "sync/verified": report.verified,
                 "sync/reason": reason,
             }
-            rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {save_s + report.seconds:.2f}s")
+            rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {self.last_report['time/sync_s']:.2f}s")
         trainer.strategy.barrier("weight_sync")
 
 
@@ -228,7 +246,10 @@ class HFCheckpointCallback(pl.Callback):
         last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
         if trainer.is_global_zero and ((i + 1) % self.save_interval == 0 or last):
             folder = run_dir(trainer) / "checkpoints"
-            save_hf_atomic(pl_module, folder / f"iter_{i:03d}")
+            sync = next((c for c in trainer.callbacks if isinstance(c, WeightSyncCallback)), None)
+            synced = sync.synced if sync is not None else None
+            same_as = synced[0] if synced is not None and synced[1] == trainer.global_step else None
+            save_hf_atomic(pl_module, folder / f"iter_{i:03d}", same_as=same_as)
             self.prune(folder)
         trainer.strategy.barrier("hf_checkpoint")
 

@@ -93,6 +93,9 @@ def test_run_directory(reference_run: Path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "iter_002")
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(k.startswith("policy.") for k in state), "only the policy is checkpointed (no reference model)"
+    # The last iteration's HF checkpoint is the folder just synced to the server, linked, not written twice.
+    synced, saved = run / "sync_weights" / "model.safetensors", run / "checkpoints" / "iter_002" / "model.safetensors"
+    assert synced.stat().st_ino == saved.stat().st_ino
     for name, tensor in hf.state_dict().items():
         assert torch.equal(tensor, state[f"policy.{name}"]), name
 
