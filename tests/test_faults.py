@@ -324,6 +324,7 @@ def test_attached_server_lost_stops_cleanly_and_resumes(chain: Chain, server: Ma
     assert chain.launches["L6"].exitcode == 0, chain.launches["L6"].stderr[-3000:]
     final = {p.name: p.stat().st_mtime_ns for p in (chain.run / "metrics").glob("train_iter_*.json")}
     assert set(final) == {f"train_iter_{i:03d}.json" for i in range(4)}
+    assert set(chain.after_l5["mtimes"]) == {f"train_iter_{i:03d}.json" for i in range(3)}
     assert all(final[name] == t for name, t in chain.after_l5["mtimes"].items())
 
 

@@ -48,7 +48,7 @@ def test_fit_on_cuda_with_server_on_cuda(tmp_path: Path) -> None:
     m = json.loads((run / "metrics" / "train_iter_001.json").read_text())
     assert m["sync/verified"] is True
     assert m["train/optimizer_steps"] >= 1
-    assert abs(m["train/mismatch/abs_mean"] if m.get("train/mismatch/abs_mean") is not None else 0) < 0.1
+    assert m["train/mismatch/abs_mean"] < 0.1  # server (fp32 on CUDA) vs trainer (bf16 autocast)
     assert (run / "checkpoints" / "last.ckpt").exists()
     config = (run / "config.yaml").read_text()
     assert "accelerator: gpu" in config

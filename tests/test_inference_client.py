@@ -383,29 +383,32 @@ class FakeServer:
 
 def test_slow_server_times_out_then_retries_succeed():
     def script(path, hit):
-        return (1.0, 200, VLLM_ANSWER) if hit < 2 else (0.0, 200, VLLM_ANSWER)
+        return (1.0, 200, VLLM_ANSWER) if hit < 4 else (0.0, 200, VLLM_ANSWER)
 
-    with FakeServer(script) as url:
+    fake = FakeServer(script)
+    with fake as url:
         client = RolloutClient([url], model="m", request_timeout=0.3, max_retries=1, backoff=0.01)
         start = time.monotonic()
         with pytest.raises(GenerationError, match="no answer within 0.3s"):
             client.generate([request()])
         assert time.monotonic() - start < 1.5
+        assert fake.hits == 2  # the first try and its one retry, each cut at the timeout
         client = RolloutClient([url], model="m", request_timeout=0.3, max_retries=3, backoff=0.01)
         assert [c.token_ids for c in client.generate([request()])[0]] == [
             [12095, 374],
             [55856, EOS],
         ]
+        assert fake.hits == 5  # two more timeouts, then the retry that got an answer
         client.health()
 
 
 def test_server_errors_exhaust_retries_into_an_exception():
-    with FakeServer(
-        lambda path, hit: (0.0, 500, {"error": {"message": "CUDA out of memory"}})
-    ) as url:
+    fake = FakeServer(lambda path, hit: (0.0, 500, {"error": {"message": "CUDA out of memory"}}))
+    with fake as url:
         client = RolloutClient([url], model="m", max_retries=3, backoff=0.01)
         with pytest.raises(GenerationError, match="HTTP 500.*CUDA out of memory"):
             client.generate([request()])
+    assert fake.hits == 4  # the first try and max_retries retries
 
 
 def test_generate_works_inside_a_running_event_loop():

@@ -35,7 +35,7 @@ def groups_of(p: int, g: int) -> list[list[Rollout]]:
 
 
 def test_sampling_seed_is_stable() -> None:
-    assert sampling_seed(0, "train", 3, 17) == sampling_seed(0, "train", 3, 17)
+    assert sampling_seed(0, "train", 3, 17) == 410765458  # pinned: the same in every process, forever
     assert sampling_seed(0, "train", 3, 17) != sampling_seed(1, "train", 3, 17)
     assert 0 <= sampling_seed("x") < 2**31
 

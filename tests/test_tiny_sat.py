@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_lightning.envs.sat import CLOSE_TAG, OPEN_TAG, SATEnv, format_answer, generate_problem
-from grpo_lightning.models import load_tokenizer, resolve_model_path
+from grpo_lightning.models import cache_dir, load_tokenizer, resolve_model_path
 from grpo_lightning.tiny_sat import TinySatRecipe, build_tiny_sat
 
 
@@ -26,9 +26,13 @@ def test_builds_byte_identical(tiny_sat_path: str, tmp_path: Path) -> None:
 
 
 def test_resolves_to_a_cached_folder(tiny_sat_path: str) -> None:
-    assert resolve_model_path("tiny-sat") == tiny_sat_path
+    # The folder is named by the recipe's hash: another recipe can never load stale bytes.
+    assert Path(tiny_sat_path) == cache_dir() / f"tiny-sat-{TinySatRecipe().digest()}"
+    assert TinySatRecipe(cold_start_steps=201).digest() != TinySatRecipe().digest()
+    weights = Path(tiny_sat_path, "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path("tiny-sat") == tiny_sat_path  # found, not rebuilt
+    assert Path(tiny_sat_path, "model.safetensors").stat().st_mtime_ns == weights
     assert resolve_model_path("/some/local/model") == "/some/local/model"
-    assert Path(tiny_sat_path, "config.json").exists()
 
 
 def test_loads_with_auto_classes_and_generates(tiny_sat_path: str) -> None:
