@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .envs import Environment, make_env
 from .inference.client import RetriesExhausted, RolloutClient, SamplingParams, ServerUnavailable
 from .inference.launch import ManagedServer, ServerConfig
-from .metrics import group_summary, zero_std_fraction
+from .metrics import all_equal, group_summary, zero_std_fraction
 from .models import load_tokenizer, stop_token_ids
 from .rollouts import (
     MicroBatchDataset,
@@ -186,10 +186,6 @@ class RolloutDataModule(pl.LightningDataModule):
             "eval.interval": self.eval_config.interval >= 1,
             "eval.temperature": self.eval_config.temperature is None or 0 < self.eval_config.temperature < math.inf,
             "eval.num_samples_logged": self.eval_config.num_samples_logged >= 0,
-            "num_iterations": self.num_iterations >= 1,
-            "steps_per_iteration": self.steps_per_iteration >= 1,
-            "micro_batch_size": self.micro_batch_size >= 1,
-            "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
             **_server_checks(self.server_config),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -319,7 +315,7 @@ class RolloutDataModule(pl.LightningDataModule):
         all_groups = list(groups)
         rounds = 0
         if self.dynamic_sampling:
-            kept = [grp for grp in groups if len({r.reward for r in grp}) > 1]
+            kept = [grp for grp in groups if not all_equal([r.reward for r in grp])]
             used = set(seeds)
             while len(kept) < len(seeds) and rounds < self.dynamic_sampling_max_rounds:
                 rounds += 1
@@ -333,7 +329,7 @@ class RolloutDataModule(pl.LightningDataModule):
                     gen, extra, g, f"{self.seed}:train:{iteration}:{rounds}", f"iteration {iteration}: refilling (round {rounds})"
                 )
                 all_groups += new
-                kept += [grp for grp in new if len({r.reward for r in grp}) > 1]
+                kept += [grp for grp in new if not all_equal([r.reward for r in grp])]
             groups = kept[: len(seeds)]
             if not groups:
                 # An empty iteration would make Lightning stop the whole fit ("No training

@@ -129,8 +129,9 @@ class LossConfig:
             )
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be positive or None, got {self.tis_cap}")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            # Below 1 the cap would down-weight tokens the two engines agree on.
+            raise ValueError(f"tis_cap must be >= 1 or None, got {self.tis_cap}")
         if self.max_completion_length <= 0:
             raise ValueError(f"max_completion_length must be positive, got {self.max_completion_length}")
 

@@ -45,6 +45,12 @@ def group_summary(rewards: Sequence[Sequence[float]], successes: Sequence[Sequen
     return out
 
 
+def all_equal(rewards: Sequence[float]) -> bool:
+    """A group whose rewards are all equal: its advantages are 0, it carries no signal
+    (``advantages.zero_std_groups`` is the same test on a tensor of groups)."""
+    return len(set(rewards)) <= 1
+
+
 def zero_std_fraction(rewards: Sequence[Sequence[float]]) -> float:
     """Share of groups whose rewards are all equal (they carry no policy-gradient signal)."""
-    return _mean([float(len(set(g)) <= 1) for g in rewards])
+    return _mean([float(all_equal(g)) for g in rewards])

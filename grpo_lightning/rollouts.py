@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -295,7 +295,6 @@ class MicroBatch:
     """Run the optimizer step after this micro-batch."""
     normalizer: Normalizer
     pass_index: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def build_schedule(
@@ -391,7 +390,6 @@ class MicroBatchDataset(Dataset):
         batch["step_end"] = mb.step_end
         # A plain dict: Lightning's device transfer refuses frozen dataclasses.
         batch["normalizer"] = asdict(mb.normalizer)
-        batch["pass_index"] = mb.pass_index
         return batch
 
 

@@ -283,42 +283,42 @@ def test_same_seed_same_tokens_alone_or_amid_concurrent_load(url, prompts):
 
 
 BAD_REQUESTS = {
-    "prompt too long": ({"prompt": [1] * 600, "max_tokens": 1}, 400),
-    "prompt plus max_tokens too long": ({"prompt": [1] * 500, "max_tokens": 100}, 400),
-    "max_tokens zero": ({"prompt": [1, 2], "max_tokens": 0}, 400),
-    "max_tokens huge": ({"prompt": [1, 2], "max_tokens": 10**9}, 400),
-    "unknown model": ({"model": "gpt-17", "prompt": [1, 2]}, 404),
-    "json list body": ([1, 2, 3], 400),
-    "prompt wrong type": ({"prompt": 5}, 400),
-    "prompt mixed types": ({"prompt": [1, "a"]}, 400),
-    "prompt bools": ({"prompt": [True, False]}, 400),
-    "empty prompt": ({"prompt": []}, 400),
-    "empty text prompt": ({"prompt": ""}, 400),
-    "missing prompt": ({"max_tokens": 3}, 400),
-    "token id out of vocabulary": ({"prompt": [1, 10**7]}, 400),
-    "negative token id": ({"prompt": [1, -4]}, 400),
-    "max_tokens not a number": ({"prompt": [1], "max_tokens": "many"}, 400),
-    "negative temperature": ({"prompt": [1], "temperature": -1}, 400),
-    "top_p zero": ({"prompt": [1], "top_p": 0}, 400),
-    "top_k negative": ({"prompt": [1], "top_k": -5}, 400),
-    "n zero": ({"prompt": [1], "n": 0}, 400),
-    "n above limit": ({"prompt": [1], "n": 17}, 400),
-    "too many prompts": ({"prompt": [[1]] * 9}, 400),
-    "logprobs above limit": ({"prompt": [1], "logprobs": 99}, 400),
-    "stop token out of vocabulary": ({"prompt": [1], "stop_token_ids": [10**7]}, 400),
-    "seed out of range": ({"prompt": [1], "seed": 2**70}, 400),
-    "min_tokens above max_tokens": ({"prompt": [1], "max_tokens": 2, "min_tokens": 3}, 400),
-    "streaming": ({"prompt": [1], "stream": True}, 400),
-    "stop strings": ({"prompt": [1], "stop": ["\n"]}, 400),
+    "prompt too long": ({"prompt": [1] * 600, "max_tokens": 1}, 400, 'maximum context length is 512'),
+    "prompt plus max_tokens too long": ({"prompt": [1] * 500, "max_tokens": 100}, 400, '500 prompt tokens + 100 max_tokens'),
+    "max_tokens zero": ({"prompt": [1, 2], "max_tokens": 0}, 400, 'max_tokens must be in [1, 512]'),
+    "max_tokens huge": ({"prompt": [1, 2], "max_tokens": 10**9}, 400, 'max_tokens must be in [1, 512]'),
+    "unknown model": ({"model": "gpt-17", "prompt": [1, 2]}, 404, '`gpt-17` does not exist'),
+    "json list body": ([1, 2, 3], 400, 'must be a JSON object'),
+    "prompt wrong type": ({"prompt": 5}, 400, 'prompt'),
+    "prompt mixed types": ({"prompt": [1, "a"]}, 400, 'prompt.list[int].1'),
+    "prompt bools": ({"prompt": [True, False]}, 400, 'prompt.list[int].0'),
+    "empty prompt": ({"prompt": []}, 400, 'prompt must not be empty'),
+    "empty text prompt": ({"prompt": ""}, 400, 'prompt must not be empty'),
+    "missing prompt": ({"max_tokens": 3}, 400, 'prompt: Field required'),
+    "token id out of vocabulary": ({"prompt": [1, 10**7]}, 400, 'token ids must be in [0, 464)'),
+    "negative token id": ({"prompt": [1, -4]}, 400, 'token ids must be in [0, 464)'),
+    "max_tokens not a number": ({"prompt": [1], "max_tokens": "many"}, 400, 'max_tokens'),
+    "negative temperature": ({"prompt": [1], "temperature": -1}, 400, 'temperature must be'),
+    "top_p zero": ({"prompt": [1], "top_p": 0}, 400, 'top_p must be in (0, 1]'),
+    "top_k negative": ({"prompt": [1], "top_k": -5}, 400, 'top_k must be'),
+    "n zero": ({"prompt": [1], "n": 0}, 400, 'n must be in [1, 16]'),
+    "n above limit": ({"prompt": [1], "n": 17}, 400, 'n must be in [1, 16], got 17'),
+    "too many prompts": ({"prompt": [[1]] * 9}, 400, 'at most 8 prompts'),
+    "logprobs above limit": ({"prompt": [1], "logprobs": 99}, 400, 'logprobs must be in [0, 20]'),
+    "stop token out of vocabulary": ({"prompt": [1], "stop_token_ids": [10**7]}, 400, 'stop_token_ids'),
+    "seed out of range": ({"prompt": [1], "seed": 2**70}, 400, 'seed must fit'),
+    "min_tokens above max_tokens": ({"prompt": [1], "max_tokens": 2, "min_tokens": 3}, 400, 'min_tokens must be in [0, max_tokens]'),
+    "streaming": ({"prompt": [1], "stream": True}, 400, 'stream=true is not supported'),
+    "stop strings": ({"prompt": [1], "stop": ["\n"]}, 400, 'stop strings are not supported'),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_requests_get_a_4xx_with_a_message(url, case):
-    body, status = BAD_REQUESTS[case]
+    body, status, reason = BAD_REQUESTS[case]
     r = post(url, body)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["message"]
+    assert reason in r.json()["error"]["message"]  # rejected for the right reason
 
 
 def test_malformed_oversized_and_unknown_routes(url):

@@ -342,6 +342,8 @@ def test_config_validation() -> None:
         LossConfig(epsilon_low=1.5)
     with pytest.raises(ValueError):
         LossConfig(tis_cap=0.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        LossConfig(tis_cap=0.5)
     logp, behaviour, adv, mask = tiny_batch()
     with pytest.raises(ValueError):
         grpo_loss(logp, behaviour, adv, mask, LossConfig(entropy_coef=0.1), Normalizer.from_mask(mask))
