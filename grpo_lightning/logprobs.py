@@ -230,12 +230,18 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor]:
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding weight")
     if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("output layers with a bias are not supported; use naive=True")
+        raise NotImplementedError(
+            "output layers with a bias are not supported by the chunked log-probabilities the trainer "
+            "uses (only sequence_token_logprobs(naive=True) handles them)"
+        )
     config = getattr(model, "config", None)
     # Models whose logits are not plain ``hidden @ W.T`` would silently get wrong values.
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"config.{attr} is set; use naive=True for this model")
+            raise NotImplementedError(
+                f"config.{attr} is set: the trainer's chunked log-probabilities assume logits = hidden @ W.T "
+                "(only sequence_token_logprobs(naive=True) handles this model)"
+            )
     return decoder, head.weight
 
 

@@ -106,8 +106,9 @@ class GRPOModule(pl.LightningModule):
                 mismatch. None: the ratio is taken against the server's log-probabilities.
             num_iterations: mu, passes over one iteration's rollouts (GRPO's inner epochs).
             steps_per_iteration: optimizer steps per pass; the rollouts are split evenly.
-            micro_batch_size: sequences per forward/backward (gradient accumulation inside a
-                step); ignored when ``max_tokens_per_micro_batch`` is set.
+            micro_batch_size: sequences per forward/backward on each device (gradient
+                accumulation inside a step; under DDP each step's sequences are first split
+                over the ranks); ignored when ``max_tokens_per_micro_batch`` is set.
             max_tokens_per_micro_batch: token budget per micro-batch (padded tokens); sequences
                 are sorted and packed so micro-batches carry little padding. None: fixed size.
             logprob_chunk_size: tokens per chunk of the LM-head log-softmax; the full
