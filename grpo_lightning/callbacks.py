@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from .data import RolloutDataModule
-from .inference.launch import sync_weights
+from .inference.launch import ServerUnreachable, sync_weights
 from .module import GRPOModule, NonFiniteError
 from .rollouts import Rollout
 from .runfiles import replace_durably, write_json_atomic
@@ -133,7 +133,12 @@ class WeightSyncCallback(pl.Callback):
             # The built-in server's checksum already proves which weights it serves; the
             # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
             probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
-            report = sync_weights(dm.server, folder, probe=probe)
+            try:
+                report = sync_weights(dm.server, folder, probe=probe)
+            except ServerUnreachable as exc:
+                if dm.server.managed:
+                    raise
+                raise dm.server_lost(f"the weight sync ({reason})", exc) from exc
             if report.method == "restart" and dm.server_config.sync != "restart":
                 dm.server_restarts += 1  # the server failed the in-place update: it was restarted on the weights
             self.last_report = {

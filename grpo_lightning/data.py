@@ -8,8 +8,9 @@ eval set for the evaluation callback.
 
 A launched server that crashes or hangs during generation is restarted on the weights it served
 and the round is sent again (``server/restarts`` counts it); an attached server lost for longer
-than the retry budget stops the run with ``ServerUnavailable`` (``checkpoints/last.ckpt`` holds
-the last completed iteration: ``--ckpt_path last`` resumes from there).
+than the retry budget, during generation or the weight sync, stops the run with
+``ServerUnavailable`` (``checkpoints/last.ckpt`` holds the last completed iteration:
+``--ckpt_path last`` resumes from there).
 """
 
 from __future__ import annotations
@@ -286,13 +287,8 @@ class RolloutDataModule(pl.LightningDataModule):
                 with _progress(description, len(seeds)) as advance:
                     return gen.generate(seeds, n, seed_tag=seed_tag, on_done=advance)
             except RetriesExhausted as exc:
-                budget = f"data.server.max_retries={cfg.max_retries}, backoff={cfg.backoff:g}s"
                 if not server.managed:
-                    raise ServerUnavailable(
-                        f"lost the inference server {', '.join(server.urls)} for longer than the retry budget "
-                        f"({budget}): {exc}; the last completed iteration is in checkpoints/last.ckpt: "
-                        "resume with --ckpt_path last once the server answers again"
-                    ) from exc
+                    raise self.server_lost(description, exc) from exc
                 failures += 1
                 if failures > cfg.max_restarts:
                     raise ServerUnavailable(
@@ -304,6 +300,17 @@ class RolloutDataModule(pl.LightningDataModule):
                 seconds = server.recover()
                 self.server_restarts += 1
                 rank_zero_info(f"inference server restarted on {weights} in {seconds:.1f}s; sending the requests again")
+
+    def server_lost(self, during: str, exc: Exception) -> ServerUnavailable:
+        """The one-line stop of a run whose attached server stayed away longer than the retry budget."""
+        assert self.server is not None
+        cfg = self.server_config
+        return ServerUnavailable(
+            f"lost the inference server {', '.join(self.server.urls)} during {during} for longer than the "
+            f"retry budget (data.server.max_retries={cfg.max_retries}, backoff={cfg.backoff:g}s): {exc}; "
+            "the last completed iteration is in checkpoints/last.ckpt: resume with --ckpt_path last "
+            "once the server answers again"
+        )
 
     def generate_iteration(self, iteration: int) -> tuple[list[list[Rollout]], dict[str, Any]]:
         """Generate, score and (optionally) filter the groups of one iteration."""

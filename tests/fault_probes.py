@@ -3,7 +3,8 @@ and the entry point of forked trainer processes that tests SIGKILL.
 
 Faults are triggered by what the run is doing, not by timers, so every kill lands in the phase
 it names: ``generation`` (the iteration's rollouts: one request answered, the others in
-flight), ``training`` (after a given micro-batch), ``evaluation`` (the evaluation after the
+flight or queued), ``training`` (after a given micro-batch), ``sync`` (just before the
+iteration's new weights are pushed to the server), ``evaluation`` (the evaluation after the
 iteration: one request answered) and ``checkpoint`` (``last.ckpt`` half written).
 """
 
@@ -22,7 +23,7 @@ import torch
 import grpo_lightning.callbacks as callbacks_module
 from grpo_lightning.cli import main
 
-PHASES = ("generation", "training", "evaluation", "checkpoint")
+PHASES = ("generation", "training", "sync", "evaluation", "checkpoint")
 
 
 class Kill(pl.Callback):
@@ -62,6 +63,15 @@ class Kill(pl.Callback):
                 return generate(requests, on_done=done)
 
             client.generate = generate_and_strike
+        if self.phase == "sync":
+            sync = callbacks_module.sync_weights
+
+            def strike_then_sync(*args: Any, **kwargs: Any) -> Any:
+                if self._armed(trainer):
+                    self._strike(trainer)
+                return sync(*args, **kwargs)
+
+            callbacks_module.sync_weights = strike_then_sync
         if self.phase == "checkpoint":
             replace = callbacks_module.replace_durably
 

@@ -90,6 +90,9 @@ BASE = [
     "--data.server.api_key", API_KEY,
     "--data.server.max_retries", "1",
     "--data.server.backoff", "0.1",
+    # Fewer requests in flight than the 4 of an iteration: a server killed when the first
+    # answer arrives has requests still to serve, however fast it answered the others.
+    "--data.server.max_concurrency", "2",
 ]
 
 
@@ -318,7 +321,8 @@ def test_attached_server_lost_stops_cleanly_and_resumes(chain: Chain, server: Ma
     lost = chain.launches["L5"]
     assert lost.exitcode == 1 and "Traceback" not in lost.stderr
     [line] = error_lines(lost.stderr)
-    assert server.urls[0] in line and "retry budget" in line and "--ckpt_path last" in line
+    assert server.urls[0] in line and "during iteration 3: generating" in line
+    assert "retry budget" in line and "--ckpt_path last" in line
     # The stop left iteration 2 complete in last.ckpt: the resume starts at iteration 3.
     assert chain.after_l5["last_epoch"] == 2
     assert chain.launches["L6"].exitcode == 0, chain.launches["L6"].stderr[-3000:]
@@ -326,6 +330,26 @@ def test_attached_server_lost_stops_cleanly_and_resumes(chain: Chain, server: Ma
     assert set(final) == {f"train_iter_{i:03d}.json" for i in range(4)}
     assert set(chain.after_l5["mtimes"]) == {f"train_iter_{i:03d}.json" for i in range(3)}
     assert all(final[name] == t for name, t in chain.after_l5["mtimes"].items())
+
+
+def test_attached_server_lost_at_the_weight_sync_stops_in_one_line(trainers: Trainers, tmp_path: Path) -> None:
+    """The server dies after iteration 1's rollouts were answered, just before its new weights
+    are pushed: the sync retries with the generation budget, then the run stops like a lost
+    generation would, with iteration 0 resumable."""
+    config = ServerConfig(api_key=API_KEY, device="cpu", startup_timeout=180, extra_args=["--num-threads", "1"])
+    with ManagedServer(config, model="tiny-sat", log_path=tmp_path / "server.log") as doomed:
+        run = trainers.run("sync-lost", [
+            *BASE, *logger(tmp_path, "sync"), *attached(doomed), "--trainer.max_epochs", "2",
+            "--data.eval.num_problems", "0", *kill("sync", 1, target=str(doomed.pid)),
+        ])
+    assert run.exitcode == 1 and "Traceback" not in run.stderr
+    [line] = error_lines(run.stderr)
+    assert f"{doomed.urls[0]}/update_weights_from_disk got no answer after 2 attempts" in line
+    assert "during the weight sync (iteration)" in line and "data.server.max_retries=1" in line
+    assert "--ckpt_path last" in line
+    folder = tmp_path / "sync" / "version_0"
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in (folder / "metrics").glob("train_iter_*.json")) == ["train_iter_000.json"]
 
 
 class FailingGenerator:

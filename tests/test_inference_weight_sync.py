@@ -11,7 +11,13 @@ import json
 import httpx
 import pytest
 
-from grpo_lightning.inference.weight_sync import DEFAULT_PROBE_PROMPT, WeightSyncError, sync_weights
+from grpo_lightning.inference.weight_sync import (
+    DEFAULT_PROBE_PROMPT,
+    Retry,
+    ServerUnreachable,
+    WeightSyncError,
+    sync_weights,
+)
 
 URL = "http://gpu:8000"
 PROBE_ANSWER = {
@@ -170,6 +176,36 @@ def test_sglang_update_weights_from_disk(tmp_path):
         )
 
 
+class DownFor:
+    """A server that refuses the first ``n`` connections, then answers like SGLang."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.attempts = n, 0
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        if self.attempts <= self.n:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=req)
+        return httpx.Response(200, json={"success": True, "message": "ok"})
+
+
+def test_a_sync_the_server_does_not_answer_is_retried_within_the_budget(tmp_path):
+    down = DownFor(2)
+    with pytest.warns(UserWarning, match="not verified"):
+        sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(down))
+    assert down.attempts == 3
+    down = DownFor(3)
+    with pytest.raises(ServerUnreachable) as err:
+        sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(down))
+    assert down.attempts == 3
+    assert str(err.value).startswith(f"{URL}/update_weights_from_disk got no answer after 3 attempts: ConnectError")
+    # An answer, even a refusal, is not retried: the server is there and said no.
+    refusing = Routes(update_weights_from_disk=[(400, {"success": False, "message": "bad folder"})])
+    with pytest.raises(WeightSyncError, match="bad folder") as err:
+        sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(refusing))
+    assert not isinstance(err.value, ServerUnreachable) and len(refusing.calls) == 1
+
+
 def test_methods_are_checked_against_the_backend(tmp_path):
     with pytest.raises(WeightSyncError, match="no update_weights_from_disk"):
         sync_weights([URL], tmp_path, backend="vllm", method="disk")
@@ -179,5 +215,5 @@ def test_methods_are_checked_against_the_backend(tmp_path):
         sync_weights([URL], tmp_path, backend="builtin", method="restart")
     with pytest.raises(WeightSyncError, match="no checkpoint folder"):
         sync_weights([URL], tmp_path / "missing", backend="builtin")
-    with pytest.raises(WeightSyncError, match="failed: ConnectError"):
+    with pytest.raises(ServerUnreachable, match="got no answer after 1 attempt: ConnectError"):
         sync_weights(["http://127.0.0.1:9"], tmp_path, backend="sglang", timeout=2)

@@ -43,12 +43,13 @@ from .client import (
     ServerUnavailable,
     auth_headers,
 )
-from .weight_sync import SyncReport, WeightSyncError, sync_weights
+from .weight_sync import ServerUnreachable, SyncReport, WeightSyncError, sync_weights
 
 __all__ = [
     "ManagedServer",
     "ServerConfig",
     "ServerUnavailable",
+    "ServerUnreachable",
     "SyncReport",
     "WeightSyncError",
     "free_port",
@@ -83,7 +84,8 @@ class ServerConfig:
             then sent. The environment keeps the key out of the run's ``config.yaml``.
         startup_timeout: Seconds to wait for a launched server to become healthy.
         request_timeout: Seconds allowed for one generation HTTP request.
-        max_retries: Retries of a failed generation request (connection error, timeout, 5xx).
+        max_retries: Retries of a failed generation request (connection error, timeout, 5xx)
+            and of a weight-sync request that got no answer.
         backoff: Seconds before the first retry; doubles at each retry. Together with
             ``max_retries`` this is the retry budget: a launched server that stays down or hung
             for longer is restarted on the current weights (at most ``max_restarts`` times in a

@@ -21,6 +21,10 @@ stale weights: the built-in server's weights checksum must equal the folder's
 (``weights.folder_checksum``), and with a ``probe`` (the trainer's own logprobs for a
 (prompt, completion) pair) a short sampled completion's server logprobs must match the
 trainer's within ``tolerance``. A failed check raises ``WeightSyncError``.
+
+A server that does not answer (connection refused or reset, timeout) is retried with the same
+budget as generation requests (``max_retries``, ``backoff`` doubling); once it is spent the
+sync raises ``ServerUnreachable``, so the caller can tell a lost server from a refused update.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ class WeightSyncError(RuntimeError):
     """New weights could not be pushed, or the server was not shown to serve them."""
 
 
+class ServerUnreachable(WeightSyncError):
+    """A server did not answer the sync within the retry budget (down, hung or unreachable)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries of a sync request that got no answer; ``backoff`` seconds before the first, doubling."""
+
+    max_retries: int = 0
+    backoff: float = 0.5
+
+
 @dataclass
 class SyncReport:
     """What a weight sync did and how long it took."""
@@ -82,12 +98,15 @@ def sync_weights(
     probe_tokens: int = 8,
     tolerance: float | None = None,
     timeout: float = 600.0,
+    retry: Retry | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> SyncReport:
-    """Make every server serve the weights in ``model_dir``; raise ``WeightSyncError`` otherwise.
+    """Make every server serve the weights in ``model_dir``; raise ``WeightSyncError`` otherwise
+    (``ServerUnreachable`` when a server did not answer within ``retry``).
 
-    ``server`` is a ``ManagedServer`` (backend, key, method and tolerance come from its
-    config) or URLs of servers we do not own (then pass ``backend``; ``restart`` is impossible).
+    ``server`` is a ``ManagedServer`` (backend, key, method, tolerance and retry budget come
+    from its config) or URLs of servers we do not own (then pass ``backend``; ``restart`` is
+    impossible; no retries unless ``retry`` is given).
     """
     managed = None if isinstance(server, (str, list, tuple)) else server
     if managed is not None:
@@ -96,11 +115,13 @@ def sync_weights(
         api_key = api_key if api_key is not None else managed.config.api_key
         method = method or managed.config.sync
         tolerance = managed.config.verify_tolerance if tolerance is None else tolerance
+        retry = retry or Retry(managed.config.max_retries, managed.config.backoff)
     else:
         urls = [server] if isinstance(server, str) else list(server)
         backend = backend or "builtin"
         method = method or "auto"
         tolerance = 0.05 if tolerance is None else tolerance
+    retry = retry or Retry()
     urls = [u.rstrip("/") for u in urls]
     model_dir = str(Path(model_dir).resolve())
     if not Path(model_dir).is_dir():
@@ -115,7 +136,7 @@ def sync_weights(
         else:
             try:
                 for url in urls:
-                    (_update_from_disk if chosen == "disk" else _vllm_reload)(http, url, model_dir)
+                    (_update_from_disk if chosen == "disk" else _vllm_reload)(http, url, model_dir, retry)
             except WeightSyncError as exc:
                 if not (method == "auto" and managed is not None and managed.managed):
                     raise
@@ -129,7 +150,7 @@ def sync_weights(
         verify_start = time.perf_counter()
         report = SyncReport(seconds=seconds, method=chosen, verified=False)
         if backend == "builtin":
-            report.checksum = _check_checksum(http, urls, model_dir)
+            report.checksum = _check_checksum(http, urls, model_dir, retry)
             report.verified = True
     if probe is not None:
         clients = [
@@ -176,15 +197,28 @@ def _restart(server: ManagedServer, model_dir: str) -> None:
         raise WeightSyncError(f"restarting the server on {model_dir} failed: {exc}") from exc
 
 
-def _post(http: httpx.Client, url: str, path: str, payload: dict | None = None) -> httpx.Response:
-    try:
-        return http.post(f"{url}{path}", json=payload)
-    except httpx.HTTPError as exc:
-        raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
+def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, payload: dict | None = None) -> httpx.Response:
+    for attempt in range(retry.max_retries + 1):
+        try:
+            return http.request(method, f"{url}{path}", json=payload)
+        except httpx.TransportError as exc:  # no answer; an HTTP error status is an answer
+            if attempt == retry.max_retries:
+                raise ServerUnreachable(
+                    f"{url}{path} got no answer after {attempt + 1} attempt{'s' if attempt else ''}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            time.sleep(retry.backoff * 2**attempt)
+        except httpx.HTTPError as exc:
+            raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
-def _update_from_disk(http: httpx.Client, url: str, model_dir: str) -> None:
-    r = _post(http, url, "/update_weights_from_disk", {"model_path": model_dir})
+def _post(http: httpx.Client, url: str, path: str, retry: Retry, payload: dict | None = None) -> httpx.Response:
+    return _send(http, "POST", url, path, retry, payload)
+
+
+def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
+    r = _post(http, url, "/update_weights_from_disk", retry, {"model_path": model_dir})
     try:
         answer = r.json()
     except ValueError:
@@ -194,11 +228,12 @@ def _update_from_disk(http: httpx.Client, url: str, model_dir: str) -> None:
         raise WeightSyncError(f"{url} could not load {model_dir}: HTTP {r.status_code} {message}")
 
 
-def _vllm_reload(http: httpx.Client, url: str, model_dir: str) -> None:
+def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
     r = _post(
         http,
         url,
         "/collective_rpc",
+        retry,
         {"method": "reload_weights", "kwargs": {"weights_path": model_dir}},
     )
     if r.status_code == 404:
@@ -212,27 +247,27 @@ def _vllm_reload(http: httpx.Client, url: str, model_dir: str) -> None:
             {"method": "reload_weights"},
         ]
         for step in steps:
-            r = _post(http, url, "/collective_rpc", step)
+            r = _post(http, url, "/collective_rpc", retry, step)
             if r.status_code != 200:
                 raise WeightSyncError(
                     f"{url} /collective_rpc {step['method']} failed: HTTP {r.status_code} {r.text[:300]}"
                 )
-    r = _post(http, url, "/reset_prefix_cache")
+    r = _post(http, url, "/reset_prefix_cache", retry)
     if r.status_code != 200:
         raise WeightSyncError(
             f"{url} /reset_prefix_cache failed: HTTP {r.status_code} {r.text[:300]}"
         )
 
 
-def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str) -> str:
+def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str, retry: Retry) -> str:
     from .weights import folder_checksum
 
     expected: dict[str, str] = {}
     served = ""
     for url in urls:
         try:
-            info = http.get(f"{url}/get_model_info").json()
-        except (httpx.HTTPError, ValueError) as exc:
+            info = _send(http, "GET", url, "/get_model_info", retry).json()
+        except ValueError as exc:
             raise WeightSyncError(f"{url}/get_model_info failed: {exc}") from None
         dtype, served = info["dtype"], info["checksum"]
         if dtype not in expected:
