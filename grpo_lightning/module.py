@@ -145,7 +145,9 @@ class GRPOModule(pl.LightningModule):
         self.tokenizer: Any = None
         # Held outside the module tree: never in state_dict, checkpoints or the optimizer.
         self._ref: list[torch.nn.Module] = []
-        self._stats: list[dict[str, Stat]] = []
+        self._stats: dict[str, Stat] = {}
+        """This iteration's loss statistics, summed on the device: read once per iteration,
+        so that a micro-batch costs no device-to-host copy for them."""
         self._step_stats: dict[str, list[float]] = {}
         self._epoch_t0 = 0.0
         self._train_seconds = 0.0
@@ -257,7 +259,7 @@ class GRPOModule(pl.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
-        self._stats = []
+        self._stats = {}
         self._step_stats = {"grad_norm": [], "lr": [], "skipped": [], "steps": []}
         self._epoch_t0 = time.perf_counter()
         self._precompute_fixed_logprobs()
@@ -292,6 +294,9 @@ class GRPOModule(pl.LightningModule):
                     self.policy.eval()
                     outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
                     self.policy.train()
+            # One copy to the host per micro-batch; row-wise masking on the device would sync per row.
+            mask = mask.cpu()
+            outs = {key: lp.float().cpu() for key, lp in outs.items()}
             for row, idx in enumerate(mb.indices):
                 r = rollouts[idx]
                 for key, lp in outs.items():
@@ -329,35 +334,36 @@ class GRPOModule(pl.LightningModule):
             entropy=entropy,
         )
         loss = out.loss
-        if not torch.isfinite(loss):
-            self._nonfinite_in_step = True
+        # A device flag, not ``bool(isfinite(loss))``: the host learns it once per optimizer step.
+        self._nonfinite_loss = self._nonfinite_loss | ~torch.isfinite(loss.detach())
         # Backward even a non-finite loss: under DDP every rank must join every gradient
         # all-reduce or the ranks deadlock. The step is skipped below, its gradients discarded.
         self.manual_backward(loss)
-        self._stats.append({k: Stat(v.value.detach().cpu(), v.count.detach().cpu(), v.reduce) for k, v in out.stats.items()})
+        self._stats = combine_stats([self._stats, {k: Stat(v.value.detach(), v.count.detach(), v.reduce) for k, v in out.stats.items()}])
         if batch["step_end"]:
             self._optimizer_step(opt)
         self._train_seconds = time.perf_counter() - self._epoch_t0
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=int(mask.shape[0]))
         return loss.detach()
 
-    _nonfinite_in_step = False
+    _nonfinite_loss: torch.Tensor | bool = False
 
     def _optimizer_step(self, opt: Any) -> None:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
-        bad_loss = torch.tensor(float(self._nonfinite_in_step), device=self.device)
+        bad_loss = torch.as_tensor(self._nonfinite_loss, device=self.device).float()
         if self.trainer.world_size > 1:
             # Gradients are all-reduced, so every rank sees the same norm; a non-finite loss is
             # local: every rank must skip the same steps or their weights drift apart.
             bad_loss = self.trainer.strategy.reduce(bad_loss, reduce_op="sum")
-        finite = bool(torch.isfinite(grad_norm)) and not bool(bad_loss > 0)
+        grad_norm_value, bad = torch.stack([grad_norm.detach().float().to(self.device), bad_loss]).tolist()  # the step's one host sync
+        finite = math.isfinite(grad_norm_value) and bad == 0
         self._step_stats["lr"].append(float(opt.param_groups[0]["lr"]))
         self._step_stats["steps"].append(1.0)
         if finite:
             opt.step()
             self._consecutive_nonfinite = 0
-            self._step_stats["grad_norm"].append(float(grad_norm))
+            self._step_stats["grad_norm"].append(grad_norm_value)
         else:
             self._consecutive_nonfinite += 1
             self._step_stats["skipped"].append(1.0)
@@ -366,7 +372,7 @@ class GRPOModule(pl.LightningModule):
                 f"({self._consecutive_nonfinite} in a row)"
             )
         opt.zero_grad(set_to_none=True)
-        self._nonfinite_in_step = False
+        self._nonfinite_loss = False
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -387,7 +393,7 @@ class GRPOModule(pl.LightningModule):
 
         Collective under DDP: every rank must call it (the metrics callback does).
         """
-        stats = combine_stats(self._stats)
+        stats = {k: Stat(v.value.cpu(), v.count.cpu(), v.reduce) for k, v in self._stats.items()}
         if self.trainer.world_size > 1:
             stats = self._reduce_across_ranks(stats)
         metrics = {f"train/{k}": v for k, v in finalize_stats(stats).items()}

@@ -55,7 +55,7 @@ def reference_run(tmp_path_factory) -> Path:
     """Three uninterrupted iterations with a KL term and TIS on (so the reference model and the
     old-policy logprobs are exercised)."""
     out = tmp_path_factory.mktemp("runs")
-    return fit(out, "ref", "--trainer.max_epochs", "3", *REF_EXTRA)
+    return fit(out, "ref", "--trainer.max_epochs", "3", *REF_EXTRA, "--trainer.callbacks+=host_reads.HostReads")
 
 
 def test_run_directory(reference_run: Path) -> None:
@@ -116,6 +116,17 @@ def test_tensorboard_events(reference_run: Path) -> None:
     text = acc.Tensors("train/samples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| problem | reward | success | completion |" in text
     assert "train/rewards" in tags["histograms"] and "eval/rewards" in tags["histograms"]
+
+
+def test_training_reads_back_from_the_device_once_per_optimizer_step(reference_run: Path) -> None:
+    """On a GPU every value read back to the host stalls the CPU until the GPU catches up. Our
+    training step keeps its statistics and non-finite flags on the device: a micro-batch reads
+    nothing back, an optimizer step one pair (grad norm, non-finite flag) to decide the step."""
+    rows = load(reference_run / "host_reads.json")
+    assert len(rows) == 3 * 2  # 3 iterations x 2 micro-batches of 8
+    assert [r["reads"] for r in rows if not r["step_end"]] == [{}] * 3
+    ends = [r["reads"] for r in rows if r["step_end"]]
+    assert len(ends) == 3 and all(sum(e.values()) == 1 and next(iter(e)).startswith("tolist at module.py") for e in ends)
 
 
 def test_same_seed_is_deterministic_and_resume_matches(reference_run: Path, tmp_path: Path) -> None:
