@@ -53,8 +53,9 @@ def _offline_kwargs(name_or_path: str) -> dict[str, Any]:
     return {} if Path(name_or_path).exists() else {"local_files_only": True}
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """A tokenizer ready for chat: chat template present, pad token set, EOS known."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, chat: bool = True):
+    """A tokenizer with a pad token and a known EOS, and with ``chat`` a chat template (the
+    trainer renders prompts with it; a server only decodes, so base models serve too)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -64,7 +65,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token_id is None:
         # Padding is always masked out, so EOS is a safe stand-in.
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
+    if chat and not getattr(tok, "chat_template", None):
         raise ValueError(
             f"tokenizer of {name_or_path} has no chat template; use an instruct/chat checkpoint "
             "or add a chat_template to its tokenizer_config.json"

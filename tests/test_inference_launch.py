@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from test_inference_client import FakeServer
 from grpo_lightning.inference.client import GenerationRequest, SamplingParams, ServerUnavailable
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig, server_argv, server_env
 from grpo_lightning.inference.weight_sync import WeightSyncError, sync_weights
+from grpo_lightning.models import load_tokenizer
 
 
 def wait_gone(pid: int, seconds: float = 20.0) -> bool:
@@ -261,3 +263,23 @@ def test_lifecycle_kill_mid_batch_restart_and_exception(tmp_path, tiny_sat_path,
     assert wait_gone(second_pid, 5)
     assert server.pid is None
     assert log.read_text().count("starting:") == 2
+
+
+def test_a_base_model_without_chat_template_serves_but_does_not_train(tiny_sat_path, tmp_path):
+    """vLLM serves base models; so does the built-in server (it only decodes). The trainer
+    renders prompts with the chat template, so it refuses such a tokenizer, by name."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sat_path, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = base / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_tokenizer(str(base))
+    with ManagedServer(ServerConfig(device="cpu", startup_timeout=180), model=str(base), log_path=tmp_path / "log") as server:
+        r = httpx.post(f"{server.urls[0]}/v1/completions", timeout=60,
+                       json={"prompt": "Variables: 3", "max_tokens": 4, "seed": 0, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    assert choice["finish_reason"] in ("stop", "length") and r.json()["usage"]["prompt_tokens"] > 0

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         path = resolve_model_path(args.model)
-        tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code, chat=False)
         model = load_policy(
             path, dtype=dtype, trust_remote_code=args.trust_remote_code, device=device
         )
