@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+import grpo_lightning.inference.engine as engine_module
 from grpo_lightning.inference.engine import GenerationEngine
 from grpo_lightning.inference.protocol import SamplingOptions
 from grpo_lightning.models import load_policy, stop_token_ids
@@ -47,6 +48,61 @@ def test_batch_size_limit_and_batching_do_not_change_seeded_samples(engine, prom
     assert alone[0].token_ids == again[0].token_ids == crowd[1].token_ids
     assert again[1].token_ids == crowd[2].token_ids
     assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in crowd)
+
+
+def test_rows_joining_and_leaving_mid_batch_change_no_ones_samples(engine, tiny_tokenizer, monkeypatch):
+    """Sequences join a running batch (into free rows, or by rebuilding it when a longer prompt
+    arrives) and leave it at different steps (the last row takes a finished row's place, dead
+    padding columns are trimmed): every sequence gets the tokens and logprobs it gets alone."""
+    texts = ["Variables: 3\n", "(x1 OR x2)\n", "Variables: 7\nClauses:\n" + "(x1 OR NOT x2 OR x3)\n" * 6]
+    short, other, long = (tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    waves = [  # (prompt, seed, max_tokens): three waves, admitted while the earlier ones run
+        [(short, 10, 40), (other, 11, 5), (short, 12, 9)],
+        [(other, 20, 3), (short, 21, 14), (other, 22, 30)],
+        [(long, 30, 6), (short, 31, 11)],
+    ]
+    counts = {"add_rows": 0, "moved": 0, "assemble": 0}
+    for name in ("add_rows", "move_rows"):
+        method = getattr(engine_module._GrowingLayer, name)
+
+        def counted(self, *args, _method=method, _name=name):
+            if _name == "add_rows" or args[0].numel():
+                counts["add_rows" if _name == "add_rows" else "moved"] += 1
+            return _method(self, *args)
+
+        monkeypatch.setattr(engine_module._GrowingLayer, name, counted)
+    assemble = engine_module._assemble
+
+    def counted_assemble(*args):
+        counts["assemble"] += 1
+        return assemble(*args)
+
+    monkeypatch.setattr(engine_module, "_assemble", counted_assemble)
+
+    def opts(max_tokens: int) -> SamplingOptions:
+        return SamplingOptions(max_tokens=max_tokens, min_tokens=max_tokens, temperature=1.0)
+
+    async def run():
+        tasks = []
+        for wave in waves:
+            tasks += [asyncio.ensure_future(engine.generate([p], opts(m), [seed])) for p, seed, m in wave]
+            await asyncio.sleep(0)
+            started = engine.load[0]
+            while engine.load[0] <= started and any(not t.done() for t in tasks):
+                await asyncio.sleep(0.001)  # this wave is in the batch: the next one joins it
+        together = [(await t)[0] for t in tasks]
+        seen = dict(counts)
+        alone = [(await engine.generate([p], opts(m), [seed]))[0] for wave in waves for p, seed, m in wave]
+        return together, alone, seen
+
+    together, alone, seen = asyncio.run(run())
+    for t, a in zip(together, alone, strict=True):
+        assert t.token_ids == a.token_ids
+        assert max(abs(x - y) for x, y in zip(t.logprobs, a.logprobs, strict=True)) < 1e-4
+    assert [len(t.token_ids) for t in together] == [m for wave in waves for _, _, m in wave]
+    # Each path ran: joins into free rows, a finished row replaced by the last one, and rebuilds
+    # (the first wave, the long prompt joining, a trim).
+    assert seen["add_rows"] >= 1 and seen["moved"] >= 1 and seen["assemble"] >= 3, seen
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(

@@ -71,28 +71,36 @@ def _cache_kwarg(model) -> str:
 
 
 class _GrowingLayer(DynamicLayer):
-    """A KV cache layer that appends into spare capacity.
+    """A KV cache layer of the running batch, with spare capacity in rows and columns.
 
     transformers' DynamicLayer concatenates the whole cache at every step, which on a
-    64-row batch costs more than the model itself; writing into buffers that double when
-    full makes appends amortised O(1). ``keys``/``values`` stay views of the filled part,
-    so the model sees an ordinary dynamic cache.
+    64-row batch costs more than the model itself. Here the buffers are ``[row capacity,
+    heads, column capacity, dim]``: appending a column writes in place (capacity doubles
+    when full), a joining sequence is written into a free row and a finished one is replaced
+    by the last row, so a step costs no copy of the cache. ``keys``/``values`` stay views of
+    the filled part, so the model sees an ordinary dynamic cache.
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.length = 0
+        self.rows = key_states.shape[0]
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.is_initialized = True
 
     @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> _GrowingLayer:
-        """A layer whose buffers are ``keys``/``values``, the first ``length`` columns filled."""
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int) -> _GrowingLayer:
+        """A layer whose buffers are ``keys``/``values``, the first ``rows`` x ``length`` filled."""
         layer = cls()
         layer.lazy_initialization(keys, values)
-        layer.buffers, layer.length = (keys, values), length
-        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+        layer.buffers, layer.rows, layer.length = (keys, values), rows, length
+        layer._refresh()
         return layer
+
+    def _refresh(self) -> None:
+        assert self.buffers is not None
+        k, v = self.buffers
+        self.keys, self.values = k[: self.rows, :, : self.length], v[: self.rows, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -101,44 +109,74 @@ class _GrowingLayer(DynamicLayer):
         if self.buffers is None or end > self.buffers[0].shape[-2]:
             self.buffers = (self._grown(0, key_states, end), self._grown(1, value_states, end))
         k, v = self.buffers
-        k[..., self.length : end, :] = key_states
-        v[..., self.length : end, :] = value_states
+        k[: self.rows, :, self.length : end] = key_states
+        v[: self.rows, :, self.length : end] = value_states
         self.length = end
-        self.keys, self.values = k[..., :end, :], v[..., :end, :]
+        self._refresh()
         return self.keys, self.values
 
     def _grown(self, part: int, like: torch.Tensor, needed: int) -> torch.Tensor:
         shape = list(like.shape)
+        if self.buffers is not None:
+            shape[0] = self.buffers[part].shape[0]
         shape[-2] = max(2 * needed, 64)
         buf = like.new_zeros(shape)
         if self.buffers is not None:
-            buf[..., : self.length, :] = self.buffers[part][..., : self.length, :]
+            buf[: self.rows, :, : self.length] = self.buffers[part][: self.rows, :, : self.length]
         return buf
+
+    @property
+    def row_capacity(self) -> int:
+        assert self.buffers is not None
+        return self.buffers[0].shape[0]
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows (``[m, heads, w, dim]``, ``w <= length``) right-aligned at the current length."""
+        assert self.buffers is not None
+        m, w = keys.shape[0], keys.shape[2]
+        rows = slice(self.rows, self.rows + m)
+        for buf, t in zip(self.buffers, (keys, values), strict=True):
+            buf[rows, :, : self.length - w] = 0  # a former row's values; masked, but never NaN
+            buf[rows, :, self.length - w : self.length] = t
+        self.rows += m
+        self._refresh()
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor, rows: int) -> None:
+        """Copy rows ``src`` over rows ``dst`` (disjoint), then keep the first ``rows``."""
+        assert self.buffers is not None
+        if dst.numel():
+            for buf in self.buffers:
+                filled = buf[:, :, : self.length]
+                filled.index_copy_(0, dst, filled.index_select(0, src))
+        self.rows = rows
+        self._refresh()
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _assemble(blocks: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int):
+def _assemble(blocks: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int, row_capacity: int):
     """One cache holding row blocks (per layer ``[rows, heads, w, dim]``) left-padded to ``width``.
 
-    Each block is copied once, straight into buffers with room to grow; padding stays zero.
+    Each block is copied once, straight into buffers with room to grow (``row_capacity`` rows);
+    padding stays zero.
     """
     rows = sum(block[0][0].shape[0] for block in blocks)
+    row_capacity = max(row_capacity, rows)
     layers = []
     for layer_idx in range(len(blocks[0])):
         buffers = []
         for part in (0, 1):
             first = blocks[0][layer_idx][part]
-            buf = first.new_zeros(rows, first.shape[1], max(2 * width, 64), first.shape[3])
+            buf = first.new_zeros(row_capacity, first.shape[1], max(2 * width, 64), first.shape[3])
             row = 0
             for block in blocks:
                 t = block[layer_idx][part]
                 buf[row : row + t.shape[0], :, width - t.shape[2] : width] = t
                 row += t.shape[0]
             buffers.append(buf)
-        layers.append(_GrowingLayer.holding(buffers[0], buffers[1], width))
+        layers.append(_GrowingLayer.holding(buffers[0], buffers[1], rows, width))
     cache = DynamicCache()
     cache.layers.extend(layers)
     return cache
@@ -388,19 +426,35 @@ class GenerationEngine:
         return [seqs[i] for i in live], kv, mask.index_select(0, rows)
 
     def _join(self, groups) -> None:
-        """Merge newly prefilled rows into the running batch in one copy."""
+        """Merge newly prefilled rows into the running batch: into its free rows when they fit
+        (no copy of the running rows), else by rebuilding the cache once."""
         blocks = [kv for _, kv, _ in groups]
         masks = [mask for _, _, mask in groups]
         new_rows = [s for rows, _, _ in groups for s in rows]
         if self._rows:
             assert self._mask is not None
+            layers = self._cache.layers
+            width = self._mask.shape[1]
+            fits = len(self._rows) + len(new_rows) <= layers[0].row_capacity and all(
+                m.shape[1] <= width for m in masks
+            )
+            if fits:
+                for block in blocks:
+                    for layer, (k, v) in zip(layers, block, strict=True):
+                        layer.add_rows(k, v)
+                self._mask = torch.cat([self._mask, *(_left_pad(m, width) for m in masks)])
+                self._rows = self._rows + new_rows
+                return
             blocks.insert(0, _cache_tensors(self._cache))
             masks.insert(0, self._mask)
             new_rows = self._rows + new_rows
         width = max(m.shape[1] for m in masks)
-        self._cache = _assemble(blocks, width)
+        self._cache = _assemble(blocks, width, self._row_capacity(len(new_rows)))
         self._mask = torch.cat([_left_pad(m, width) for m in masks])
         self._rows = new_rows
+
+    def _row_capacity(self, rows: int) -> int:
+        return min(max(2 * rows, 16), self.max_batch_size)
 
     def _decode_step(self) -> None:
         assert self._mask is not None
@@ -422,17 +476,27 @@ class GenerationEngine:
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        # Columns that are padding for every remaining row are dead weight: trim them.
-        first = int(mask.any(dim=0).nonzero()[0])
-        self._mask = mask[:, first:]
-        kept = [
-            (k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-            for k, v in _cache_tensors(self._cache)
-        ]
-        self._cache = _assemble([kept], self._mask.shape[1])
-        self._rows = [rows[i] for i in keep]
+        # The last rows fill the holes the finished ones leave: a copy of the moved rows only.
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [j for j in range(n, len(rows)) if j in kept]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        dst = torch.tensor(holes, dtype=torch.long, device=self.device)
+        src = torch.tensor(movers, dtype=torch.long, device=self.device)
+        for layer in self._cache.layers:
+            layer.move_rows(dst, src, n)
+        self._mask = self._mask.index_select(0, torch.tensor(order, device=self.device))
+        self._rows = [rows[i] for i in order]
+        # Columns that are padding for every remaining row are dead weight; trimming them
+        # copies the cache, so wait until they are a quarter of it.
+        first = int(self._mask.any(dim=0).nonzero()[0])
+        if first * 4 >= self._mask.shape[1]:
+            self._mask = self._mask[:, first:]
+            trimmed = [(k[:, :, first:], v[:, :, first:]) for k, v in _cache_tensors(self._cache)]
+            self._cache = _assemble([trimmed], self._mask.shape[1], self._cache.layers[0].row_capacity)
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         opts = [s.options for s in seqs]
