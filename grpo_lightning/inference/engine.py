@@ -8,7 +8,10 @@ sequence never waits for a whole batch to finish. Layout of the running batch:
   padded to a common width; padding columns are zeros and masked out;
 * each row feeds its last token at its own position id, so padding never shifts positions;
 * newly admitted prompts are prefilled together (left-padded, at most ``max_prefill_tokens``
-  per forward), once for all the ``n`` samples of a prompt, then copied into the batch.
+  per forward), once for all the ``n`` samples of a prompt, then copied into free rows of the
+  batch (the cache is rebuilt only when a prompt is wider than the batch or no row is free);
+* a finished row is overwritten by the last row; padding columns that no row needs any more
+  are trimmed once they are a quarter of the width.
 
 Each sequence samples with its own ``torch.Generator`` (``sampling.draw``), so its tokens do
 not depend on what else shares the batch.
