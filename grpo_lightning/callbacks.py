@@ -194,13 +194,6 @@ class EvaluationCallback(pl.Callback):
 class MetricsFileCallback(pl.Callback):
     """Writes ``metrics/train_iter_XXX.json`` and the iteration's TensorBoard scalars and samples."""
 
-    def __init__(self, num_samples_logged: int = 8) -> None:
-        """
-        Args:
-            num_samples_logged: training completions written to TensorBoard's text tab per iteration.
-        """
-        self.num_samples_logged = num_samples_logged
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, GRPOModule)
         dm = trainer.datamodule
@@ -219,7 +212,7 @@ class MetricsFileCallback(pl.Callback):
         if tb is not None and dm.last_rollouts:
             tb.add_histogram("train/rewards", torch.tensor([r.reward for r in dm.last_rollouts]), i)
             tb.add_histogram("train/advantages", torch.tensor([r.advantage for r in dm.last_rollouts]), i)
-            tb.add_text("train/samples", _samples_markdown(dm.last_rollouts, self.num_samples_logged), i)
+            tb.add_text("train/samples", _samples_markdown(dm.last_rollouts, dm.num_samples_logged), i)
         rank_zero_info(
             f"iteration {i}: reward {stats.get('reward/reward_mean', math.nan):.3f}, success "
             f"{stats.get('reward/success_rate', math.nan):.3f}, loss {metrics.get('train/loss', math.nan):.4f}, "

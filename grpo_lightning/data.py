@@ -82,6 +82,7 @@ class RolloutDataModule(pl.LightningDataModule):
         dynamic_sampling: bool = False,
         dynamic_sampling_max_rounds: int = 3,
         mask_truncated_completions: bool = False,
+        num_samples_logged: int = 8,
         eval: EvalConfig = EvalConfig(),
         server: ServerConfig = ServerConfig(),
         model_name_or_path: str = "tiny-sat",
@@ -119,6 +120,8 @@ class RolloutDataModule(pl.LightningDataModule):
                 its own all-equal groups, whose advantages are 0, with a warning).
             mask_truncated_completions: exclude completions cut at ``max_tokens`` from the loss
                 (DAPO's overlong filtering).
+            num_samples_logged: training completions (with problem seed, reward and success)
+                written to TensorBoard's text tab each iteration.
             eval: the evaluation set (see ``EvalConfig``).
             server: the inference server, managed or attached (see ``ServerConfig``).
             model_name_or_path: linked from ``model.model_name_or_path``.
@@ -146,6 +149,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.dynamic_sampling = dynamic_sampling
         self.dynamic_sampling_max_rounds = dynamic_sampling_max_rounds
         self.mask_truncated_completions = mask_truncated_completions
+        self.num_samples_logged = num_samples_logged
         self.eval_config = eval
         self.server_config = server
         self.model_name_or_path = model_name_or_path
@@ -182,6 +186,7 @@ class RolloutDataModule(pl.LightningDataModule):
             "top_k": self.top_k >= 0,
             "advantage_eps": self.advantage_eps >= 0,
             "dynamic_sampling_max_rounds": self.dynamic_sampling_max_rounds >= 0,
+            "num_samples_logged": self.num_samples_logged >= 0,
             "eval.num_problems": self.eval_config.num_problems >= 0,
             "eval.replicates": self.eval_config.replicates >= 1,
             "eval.interval": self.eval_config.interval >= 1,

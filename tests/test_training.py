@@ -55,7 +55,8 @@ def reference_run(tmp_path_factory) -> Path:
     """Three uninterrupted iterations with a KL term and TIS on (so the reference model and the
     old-policy logprobs are exercised)."""
     out = tmp_path_factory.mktemp("runs")
-    return fit(out, "ref", "--trainer.max_epochs", "3", *REF_EXTRA, "--trainer.callbacks+=host_reads.HostReads")
+    return fit(out, "ref", "--trainer.max_epochs", "3", *REF_EXTRA, "--data.num_samples_logged", "3",
+               "--trainer.callbacks+=host_reads.HostReads")
 
 
 def test_run_directory(reference_run: Path) -> None:
@@ -112,9 +113,14 @@ def test_tensorboard_events(reference_run: Path) -> None:
     train = load(reference_run / "metrics" / "train_iter_001.json")
     logged = {e.step: e.value for e in acc.Scalars("reward/reward_mean")}
     assert logged[1] == pytest.approx(train["reward/reward_mean"], rel=1e-6)
-    assert "train/samples/text_summary" in tags["tensors"]
-    text = acc.Tensors("train/samples/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| problem | reward | success | completion |" in text
+    first = acc.Tensors("train/samples/text_summary")[0]
+    lines = first.tensor_proto.string_val[0].decode().splitlines()
+    assert first.step == 0 and lines[0] == "| problem | reward | success | completion |"
+    samples = [line.split(" | ")[:3] for line in lines[2:]]
+    assert len(samples) == 3  # data.num_samples_logged
+    iteration_0 = load(reference_run / "metrics" / "train_iter_000.json")
+    assert all(int(seed.strip("| ")) in iteration_0["problem_seeds"] for seed, _, _ in samples)
+    assert all(0 <= float(reward) <= 1 and success in ("True", "False") for _, reward, success in samples)
     assert "train/rewards" in tags["histograms"] and "eval/rewards" in tags["histograms"]
 
 
