@@ -283,3 +283,22 @@ def test_a_base_model_without_chat_template_serves_but_does_not_train(tiny_sat_p
     assert r.status_code == 200, r.text
     [choice] = r.json()["choices"]
     assert choice["finish_reason"] in ("stop", "length") and r.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_a_launched_server_found_dead_at_the_sync_is_started_on_the_new_weights(tiny_sat_path, tmp_path):
+    """Whatever the sync method, weights cannot be pushed into a process that is gone: a server
+    of ours that died between two syncs is started on the new checkpoint (and verified)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_sat_path, checkpoint)
+    config = ServerConfig(device="cpu", startup_timeout=180, sync="disk", max_retries=1, backoff=0.1)
+    with ManagedServer(config, model=tiny_sat_path, log_path=tmp_path / "server.log") as server:
+        first = server.pid
+        os.killpg(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while server.exit_code is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.exit_code == -signal.SIGKILL
+        with pytest.warns(UserWarning, match=r"server process exited \(code -9\); restarting it on"):
+            report = sync_weights(server, checkpoint)
+        assert report.method == "restart" and report.verified and server.pid != first
+        assert server.served_weights == str(checkpoint.resolve()) and server.exit_code is None

@@ -289,6 +289,12 @@ class ManagedServer:
         return [f"http://{_client_host(self.config.host)}:{self.port}"]
 
     @property
+    def exit_code(self) -> int | None:
+        """The launched server's exit code once its process has ended (it crashed or was
+        killed); None while it runs, and for attached servers."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
     def pid(self) -> int | None:
         """Process id of the launched server (its process group id too)."""
         return self._proc.pid if self._proc is not None else None

@@ -14,7 +14,8 @@ Methods, fastest first:
   start and a full model load (tens of seconds to minutes on a real model).
 
 ``auto`` is ``disk`` for built-in/SGLang and ``reload`` for vLLM, falling back to ``restart``
-when the reload route is missing or fails and the server is ours to restart.
+when the reload route is missing or fails and the server is ours to restart. A server of ours
+whose process has exited is restarted on the new weights whatever the method.
 
 After the push the servers are checked, so that training never silently continues against
 stale weights: the built-in server's weights checksum must equal the folder's
@@ -130,6 +131,10 @@ def sync_weights(
     headers = auth_headers(api_key)
 
     start = time.perf_counter()
+    if managed is not None and managed.managed and managed.exit_code is not None and chosen != "restart":
+        # Nothing can load weights into a process that is gone: start it on them, whatever the method.
+        warnings.warn(f"the server process exited (code {managed.exit_code}); restarting it on {model_dir}", stacklevel=2)
+        chosen = "restart"
     with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
         if chosen == "restart":
             _restart(managed, model_dir)
