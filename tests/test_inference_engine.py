@@ -57,7 +57,7 @@ def test_rows_joining_and_leaving_mid_batch_change_no_ones_samples(engine, tiny_
     texts = ["Variables: 3\n", "(x1 OR x2)\n", "Variables: 7\nClauses:\n" + "(x1 OR NOT x2 OR x3)\n" * 6]
     short, other, long = (tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     waves = [  # (prompt, seed, max_tokens): three waves, admitted while the earlier ones run
-        [(short, 10, 40), (other, 11, 5), (short, 12, 9)],
+        [(short, 10, 100), (other, 11, 5), (short, 12, 9)],
         [(other, 20, 3), (short, 21, 14), (other, 22, 30)],
         [(long, 30, 6), (short, 31, 11)],
     ]
