@@ -340,15 +340,20 @@ class GRPOModule(pl.LightningModule):
         # all-reduce or the ranks deadlock. The step is skipped below, its gradients discarded.
         self.manual_backward(loss)
         self._stats = combine_stats([self._stats, {k: Stat(v.value.detach(), v.count.detach(), v.reduce) for k, v in out.stats.items()}])
+        self._step_loss = self._step_loss + loss.detach()
         if batch["step_end"]:
-            self._optimizer_step(opt)
+            step_loss = self._optimizer_step(opt)
+            # A host tensor: Lightning reads logged values back at every batch, which for a
+            # device tensor would be a synchronisation per micro-batch.
+            self.log("loss", torch.tensor(step_loss), prog_bar=True, logger=False, batch_size=1)
         self._train_seconds = time.perf_counter() - self._epoch_t0
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=int(mask.shape[0]))
         return loss.detach()
 
     _nonfinite_loss: torch.Tensor | bool = False
+    _step_loss: torch.Tensor | float = 0.0
 
-    def _optimizer_step(self, opt: Any) -> None:
+    def _optimizer_step(self, opt: Any) -> float:
+        """Clip, step (unless the loss or gradient is non-finite), schedule; returns the step's loss."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
         bad_loss = torch.as_tensor(self._nonfinite_loss, device=self.device).float()
@@ -356,7 +361,10 @@ class GRPOModule(pl.LightningModule):
             # Gradients are all-reduced, so every rank sees the same norm; a non-finite loss is
             # local: every rank must skip the same steps or their weights drift apart.
             bad_loss = self.trainer.strategy.reduce(bad_loss, reduce_op="sum")
-        grad_norm_value, bad = torch.stack([grad_norm.detach().float().to(self.device), bad_loss]).tolist()  # the step's one host sync
+        step_loss = torch.as_tensor(self._step_loss, device=self.device).float()
+        # The step's one read back to the host.
+        grad_norm_value, bad, step_loss_value = torch.stack([grad_norm.detach().float().to(self.device), bad_loss, step_loss]).tolist()
+        self._step_loss = 0.0
         finite = math.isfinite(grad_norm_value) and bad == 0
         self._step_stats["lr"].append(float(opt.param_groups[0]["lr"]))
         self._step_stats["steps"].append(1.0)
@@ -381,6 +389,7 @@ class GRPOModule(pl.LightningModule):
                 f"{self._consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
                 f"(model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}); the run stopped"
             )
+        return step_loss_value
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Never replace the last good checkpoint with weights that cannot be trained on.
