@@ -23,11 +23,12 @@ fake trainer/server mismatch in the importance ratios).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .models import cache_kwarg
 
 __all__ = [
     "entropy_from_logits",
@@ -304,15 +305,25 @@ def sequence_token_logprobs(
     decoder, weight = _decoder_and_head(model)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    # Select the rows first: only loss positions pay for the [*, V] matmuls.
-    rows = hidden[:, :-1][loss_positions]
+    return _at_positions(hidden[:, :-1], weight, targets, loss_positions, temperature, chunk_size, with_entropy)
+
+
+def _at_positions(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    positions: Tensor,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logprobs` of the ``[B, L]`` bool ``positions`` only (only they pay for the
+    ``[*, V]`` matmuls), scattered back to ``[B, L]`` with 0.0 elsewhere."""
     sel_logp, sel_ent = token_logprobs(
-        rows, weight, targets[loss_positions], temperature, chunk_size, with_entropy
+        hidden[positions], weight, targets[positions], temperature, chunk_size, with_entropy
     )
-    logp = sel_logp.new_zeros(b, t - 1).masked_scatter(loss_positions, sel_logp)
-    ent = None
-    if sel_ent is not None:
-        ent = sel_ent.new_zeros(b, t - 1).masked_scatter(loss_positions, sel_ent)
+    logp = sel_logp.new_zeros(positions.shape).masked_scatter(positions, sel_logp)
+    ent = sel_ent.new_zeros(positions.shape).masked_scatter(positions, sel_ent) if sel_ent is not None else None
     return logp, ent
 
 
@@ -352,13 +363,12 @@ def shared_prompt_token_logprobs(
     """
     from transformers import DynamicCache
 
-    b, lc = completion_ids.shape
+    lc = completion_ids.shape[1]
     if loss_positions is None:
         loss_positions = completion_mask.bool()
     loss_positions = loss_positions.bool()
     decoder, weight = _decoder_and_head(model)
-    # transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field).
-    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(decoder)
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     prompt_hidden = out.last_hidden_state
     cache = DynamicCache()
@@ -374,9 +384,4 @@ def shared_prompt_token_logprobs(
     # Token j is predicted from the state before it: the prompt's last state for j = 0.
     last_prompt = prompt_hidden[group_index, prompt_lens - 1]
     hidden = torch.cat([last_prompt[:, None], c_out.last_hidden_state[:, :-1]], dim=1)
-    sel_logp, sel_ent = token_logprobs(
-        hidden[loss_positions], weight, completion_ids[loss_positions], temperature, chunk_size, with_entropy
-    )
-    logp = sel_logp.new_zeros(b, lc).masked_scatter(loss_positions, sel_logp)
-    ent = sel_ent.new_zeros(b, lc).masked_scatter(loss_positions, sel_ent) if sel_ent is not None else None
-    return logp, ent
+    return _at_positions(hidden, weight, completion_ids, loss_positions, temperature, chunk_size, with_entropy)

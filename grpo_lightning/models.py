@@ -8,6 +8,7 @@ local cache, or ``tiny-sat``. Nothing here downloads: hub ids load only from the
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -46,6 +47,12 @@ def resolve_model_path(name_or_path: str) -> str:
             build_tiny_sat(tmp, recipe)
             tmp.rename(target)
     return str(target)
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The name of ``module.forward``'s key/value-cache argument (and output field):
+    transformers 5 renamed ``past_key_values`` to ``cache``; both are accepted."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _offline_kwargs(name_or_path: str) -> dict[str, Any]:

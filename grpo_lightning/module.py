@@ -235,28 +235,16 @@ class GRPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def logprobs(self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        options = {
+            "temperature": self.hparams.temperature,
+            "chunk_size": self.hparams.logprob_chunk_size,
+            "with_entropy": with_entropy,
+            "loss_positions": batch["loss_mask"].bool(),
+        }
         if "prompt_ids" in batch:  # rollouts.collate_shared
-            return shared_prompt_token_logprobs(
-                model,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                batch["completion_ids"],
-                batch["completion_mask"],
-                batch["group_index"],
-                temperature=self.hparams.temperature,
-                chunk_size=self.hparams.logprob_chunk_size,
-                with_entropy=with_entropy,
-                loss_positions=batch["loss_mask"].bool(),
-            )
-        return sequence_token_logprobs(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            temperature=self.hparams.temperature,
-            chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=with_entropy,
-            loss_positions=batch["loss_mask"].bool(),
-        )
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "group_index")
+            return shared_prompt_token_logprobs(model, *(batch[k] for k in keys), **options)
+        return sequence_token_logprobs(model, batch["input_ids"], batch["attention_mask"], **options)
 
     def on_train_epoch_start(self) -> None:
         self._stats = {}
@@ -334,12 +322,12 @@ class GRPOModule(pl.LightningModule):
             entropy=entropy,
         )
         loss = out.loss
-        # A device flag, not ``bool(isfinite(loss))``: the host learns it once per optimizer step.
-        self._nonfinite_loss = self._nonfinite_loss | ~torch.isfinite(loss.detach())
         # Backward even a non-finite loss: under DDP every rank must join every gradient
         # all-reduce or the ranks deadlock. The step is skipped below, its gradients discarded.
         self.manual_backward(loss)
         self._stats = combine_stats([self._stats, {k: Stat(v.value.detach(), v.count.detach(), v.reduce) for k, v in out.stats.items()}])
+        # Summed on the device: the host reads it once per step, and a non-finite micro-batch
+        # loss makes the sum non-finite, which is how the step learns to skip itself.
         self._step_loss = self._step_loss + loss.detach()
         if batch["step_end"]:
             step_loss = self._optimizer_step(opt)
@@ -349,19 +337,18 @@ class GRPOModule(pl.LightningModule):
         self._train_seconds = time.perf_counter() - self._epoch_t0
         return loss.detach()
 
-    _nonfinite_loss: torch.Tensor | bool = False
     _step_loss: torch.Tensor | float = 0.0
 
     def _optimizer_step(self, opt: Any) -> float:
         """Clip, step (unless the loss or gradient is non-finite), schedule; returns the step's loss."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
-        bad_loss = torch.as_tensor(self._nonfinite_loss, device=self.device).float()
+        step_loss = torch.as_tensor(self._step_loss, device=self.device).float()
+        bad_loss = (~torch.isfinite(step_loss)).float()
         if self.trainer.world_size > 1:
             # Gradients are all-reduced, so every rank sees the same norm; a non-finite loss is
             # local: every rank must skip the same steps or their weights drift apart.
             bad_loss = self.trainer.strategy.reduce(bad_loss, reduce_op="sum")
-        step_loss = torch.as_tensor(self._step_loss, device=self.device).float()
         # The step's one read back to the host.
         grad_norm_value, bad, step_loss_value = torch.stack([grad_norm.detach().float().to(self.device), bad_loss, step_loss]).tolist()
         self._step_loss = 0.0
@@ -380,7 +367,6 @@ class GRPOModule(pl.LightningModule):
                 f"({self._consecutive_nonfinite} in a row)"
             )
         opt.zero_grad(set_to_none=True)
-        self._nonfinite_loss = False
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()

@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..models import cache_kwarg
 from .protocol import SamplingOptions
 from .sampling import draw, make_generator, processed_logprobs
 
@@ -65,12 +66,6 @@ class _Sequence:
     @property
     def cancelled(self) -> bool:
         return self.future.cancelled()
-
-
-def _cache_kwarg(model) -> str:
-    # transformers 5 renamed ``past_key_values`` to ``cache``; accept both.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class _GrowingLayer(DynamicLayer):
@@ -211,7 +206,7 @@ class GenerationEngine:
         self.checksum = checksum
         self.model_path = model_path
         self.weights_version = 0
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         self._logits_kw = (
             {"logits_to_keep": 1}
             if "logits_to_keep" in inspect.signature(model.forward).parameters
