@@ -207,31 +207,13 @@ class RolloutDataset(Dataset):
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch. Position ``t`` of the [B, L-1] tensors predicts token ``t + 1``."""
     width = max(len(it["input_ids"]) for it in items)
-    b = len(items)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, width), dtype=torch.long)
-    loss_mask = torch.zeros((b, width - 1), dtype=torch.float32)
-    behaviour = torch.zeros((b, width - 1), dtype=torch.float32)
-    extra = {k: torch.zeros((b, width - 1)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
     for row, it in enumerate(items):
-        ids = it["input_ids"]
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        start, stop = it["prompt_len"] - 1, len(ids) - 1
-        if it["trainable"]:
-            loss_mask[row, start:stop] = 1.0
-        behaviour[row, start:stop] = it["behaviour_logprobs"]
-        for k, t in extra.items():
-            t[row, start:stop] = it[k]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "loss_mask": loss_mask,
-        "behaviour_logprobs": behaviour,
-        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
-        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        **extra,
-    }
+        input_ids[row, : len(it["input_ids"])] = it["input_ids"]
+        attention_mask[row, : len(it["input_ids"])] = 1
+    spans = [(it["prompt_len"] - 1, len(it["input_ids"]) - 1) for it in items]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **_per_completion(items, spans, width - 1)}
 
 
 def collate_shared(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -253,37 +235,40 @@ def collate_shared(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
         group_index.append(keys[key])
     completions = [it["input_ids"][it["prompt_len"] :] for it in items]
     lp, lc = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
-    b = len(items)
     prompt_ids = torch.full((len(prompts), lp), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), lp), dtype=torch.long)
     for row, p in enumerate(prompts):
         prompt_ids[row, : len(p)] = p
         prompt_mask[row, : len(p)] = 1
-    completion_ids = torch.full((b, lc), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((b, lc), dtype=torch.long)
-    loss_mask = torch.zeros((b, lc), dtype=torch.float32)
-    behaviour = torch.zeros((b, lc), dtype=torch.float32)
-    extra = {k: torch.zeros((b, lc)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
-    for row, (it, c) in enumerate(zip(items, completions, strict=True)):
+    completion_ids = torch.full((len(items), lc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(items), lc), dtype=torch.long)
+    for row, c in enumerate(completions):
         completion_ids[row, : len(c)] = c
         completion_mask[row, : len(c)] = 1
-        if it["trainable"]:
-            loss_mask[row, : len(c)] = 1.0
-        behaviour[row, : len(c)] = it["behaviour_logprobs"]
-        for k, t in extra.items():
-            t[row, : len(c)] = it[k]
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
         "group_index": torch.tensor(group_index, dtype=torch.long),
-        "loss_mask": loss_mask,
-        "behaviour_logprobs": behaviour,
-        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
-        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        **extra,
+        **_per_completion(items, [(0, len(c)) for c in completions], lc),
     }
+
+
+def _per_completion(items: list[dict[str, Any]], spans: list[tuple[int, int]], width: int) -> dict[str, torch.Tensor]:
+    """The per-token tensors ``[B, width]`` (loss mask, behaviour and precomputed logprobs), each
+    row's completion at its ``span``, and the per-sequence ones (advantages, indices)."""
+    b = len(items)
+    out = {"loss_mask": torch.zeros((b, width)), "behaviour_logprobs": torch.zeros((b, width))}
+    out |= {k: torch.zeros((b, width)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
+    for row, (it, (start, stop)) in enumerate(zip(items, spans, strict=True)):
+        if it["trainable"]:
+            out["loss_mask"][row, start:stop] = 1.0
+        for k in out.keys() - {"loss_mask"}:
+            out[k][row, start:stop] = it[k]
+    out["advantages"] = torch.tensor([it["advantage"] for it in items], dtype=torch.float32)
+    out["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    return out
 
 
 @dataclass
