@@ -55,14 +55,7 @@ def save_hf_atomic(module: GRPOModule, target: Path, same_as: Path | None = None
     server): its files are hard-linked instead of serialising and writing the model again."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if same_as is None:
-            raise OSError("nothing to link")
-        for f in (f for f in same_as.rglob("*") if f.is_file()):
-            (tmp / f.relative_to(same_as)).parent.mkdir(parents=True, exist_ok=True)
-            os.link(f, tmp / f.relative_to(same_as))
-    except OSError:  # no source, or a filesystem without hard links
-        shutil.rmtree(tmp, ignore_errors=True)
+    if same_as is None or not _link_tree(same_as, tmp):
         module.save_hf(tmp)
     old = target.with_name(target.name + ".old")
     if target.exists():
@@ -92,6 +85,19 @@ def _samples_markdown(rollouts: list[Rollout], k: int) -> str:
         text = r.text.replace("|", "\\|").replace("\n", "⏎")[:300]
         rows.append(f"| {r.problem_seed} | {r.reward:.3f} | {r.success} | `{text}` |")
     return "\n".join(rows)
+
+
+def _link_tree(source: Path, target: Path) -> bool:
+    """Hard-link every file of ``source`` into ``target``; False (and nothing left) where the
+    filesystem cannot."""
+    try:
+        for f in (f for f in source.rglob("*") if f.is_file()):
+            (target / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, target / f.relative_to(source))
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        return False
+    return True
 
 
 class WeightSyncCallback(pl.Callback):
@@ -314,5 +320,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only
             )
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({first})") from exc
+            raise refused_checkpoint(path, exc) from exc
+
+
+def refused_checkpoint(path: Any, exc: pickle.UnpicklingError) -> ValueError:
+    """The one-line error for a checkpoint that ``weights_only`` unpickling rejected."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({first})")

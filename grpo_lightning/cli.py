@@ -29,6 +29,7 @@ from .callbacks import (
     IterationCheckpoint,
     MetricsFileCallback,
     WeightSyncCallback,
+    refused_checkpoint,
     run_dir,
     save_hf_atomic,
 )
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only), before our loader.
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _fail(f"--ckpt_path is not a plain tensor checkpoint ({first})", code=1)
+        return _fail(str(refused_checkpoint("the --ckpt_path checkpoint", exc)), code=1)
     return 0
 
 

@@ -239,7 +239,7 @@ def test_dynamic_sampling_that_finds_no_signal_keeps_the_run_going(tmp_path: Pat
     assert (run / "checkpoints" / "last.ckpt").exists()
 
 
-def test_validate_a_checkpoint_reproduces_the_runs_last_eval(reference_run: Path, tmp_path: Path) -> None:
+def test_validate_a_checkpoint_reproduces_the_runs_last_eval(reference_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``validate --ckpt_path`` serves the checkpoint's weights: the same eval set and sampling
     seeds give the numbers the run logged after its last iteration."""
     assert main(["validate", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -251,3 +251,5 @@ def test_validate_a_checkpoint_reproduces_the_runs_last_eval(reference_run: Path
         assert got[key] == want[key], key
     assert main(["validate", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path),
                  *TINY, "--ckpt_path", str(reference_run / "metrics" / "eval_iter_002.json")]) == 1  # not a checkpoint
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: refusing to load the --ckpt_path checkpoint: it is not a plain tensor checkpoint (")
