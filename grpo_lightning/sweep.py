@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -445,7 +445,7 @@ class Sweep:
         self.runs = [Run(**r) for r in data["runs"]]
 
     def save(self) -> None:
-        runs = [{f.name: getattr(r, f.name) for f in fields(r) if f.metadata.get("saved", True)} for r in self.runs]
+        runs = [asdict(r) for r in self.runs]
         payload = {"name": self.name, "command": shlex.join(self.command), "base": self.base, **self.spec, "runs": runs}
         write_text_atomic(self.dir / "sweep.json", json.dumps(payload, indent=2) + "\n")
 
