@@ -145,8 +145,6 @@ class WeightSyncCallback(pl.Callback):
                 if dm.server.managed:
                     raise
                 raise dm.server_lost(f"the weight sync ({reason})", exc) from exc
-            if report.method == "restart" and dm.server_config.sync != "restart":
-                dm.server_restarts += 1  # the server failed the in-place update: it was restarted on the weights
             self.last_report = {
                 "time/sync_s": save_s + report.seconds + report.verify_seconds,
                 "time/sync_save_s": save_s,
@@ -210,7 +208,7 @@ class MetricsFileCallback(pl.Callback):
         i = trainer.current_epoch
         sync = next((cb.last_report for cb in trainer.callbacks if isinstance(cb, WeightSyncCallback)), {})
         stats = {k: v for k, v in dm.last_stats.items() if k != "problem_seeds"}
-        stats["server/restarts"] = dm.server_restarts
+        stats["server/restarts"] = dm.server.recoveries if dm.server is not None else 0
         payload = {"iteration": i, **stats, **metrics, **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
         write_json_atomic(run_dir(trainer) / "metrics" / f"train_iter_{i:03d}.json", payload)
         _log_scalars(trainer, {**stats, **metrics, **{k: v for k, v in sync.items() if k.startswith("time/")}}, step=i)

@@ -172,8 +172,6 @@ class RolloutDataModule(pl.LightningDataModule):
         self.last_stats: dict[str, Any] = {}
         self.last_rollouts: list[Rollout] = []
         self.run_dir: Path | None = None
-        self.server_restarts = 0
-        """Restarts of a crashed or hung launched server since this process started."""
 
     def _validate(self) -> None:
         checks = {
@@ -303,7 +301,6 @@ class RolloutDataModule(pl.LightningDataModule):
                 weights = server.served_weights or server.model
                 rank_zero_warn(f"{description}: the inference server failed ({exc}); restarting it on {weights}")
                 seconds = server.recover()
-                self.server_restarts += 1
                 rank_zero_info(f"inference server restarted on {weights} in {seconds:.1f}s; sending the requests again")
 
     def server_lost(self, during: str, exc: Exception) -> ServerUnavailable:

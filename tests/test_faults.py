@@ -43,7 +43,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from helpers import assert_same_iteration, load, without_times
+from helpers import assert_same_iteration, load, processes_with, wait_until, without_times
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -129,25 +129,6 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 
-def processes_with(needle: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if needle in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -381,7 +362,7 @@ def test_a_server_that_keeps_failing_stops_the_run_after_max_restarts(managed: b
     restarts_logged = [w for w in logged if "restarting it on tiny-sat" in str(w.message)]
     assert len(restarts_logged) == (2 if managed else 0)
     if managed:
-        assert (gen.calls, dm.server.recoveries, dm.server_restarts) == (3, 2, 2)
+        assert (gen.calls, dm.server.recoveries) == (3, 2)
         assert "kept failing after 2 restarts (data.server.max_restarts=2)" in str(err.value)
     else:  # an attached server is never ours to restart
         assert (gen.calls, dm.server.recoveries) == (1, 0)
@@ -571,7 +552,8 @@ def test_load_256_concurrent_requests_from_another_process(server: ManagedServer
     result = load_server.run_load(server.urls[0], requests=256, max_tokens=16, api_key=API_KEY)
     print("\n" + load_server.format_table(result))
     assert result.errors == [] and len(result.latencies) == 256
-    assert 0 < result.percentile(50) <= result.percentile(90) <= result.percentile(99) <= result.percentile(100)
+    ordered = sorted(result.latencies)  # the table's nearest-rank percentiles, recomputed
+    assert result.percentile(50) == ordered[127] > 0 and result.percentile(99) == ordered[253]
 
 
 # ---------------------------------------------------------------------- 5. security defaults

@@ -54,7 +54,7 @@ def test_rows_joining_and_leaving_mid_batch_change_no_ones_samples(engine, tiny_
     """Sequences join a running batch (into free rows, or by rebuilding it when a longer prompt
     arrives) and leave it at different steps (the last row takes a finished row's place, dead
     padding columns are trimmed): every sequence gets the tokens and logprobs it gets alone."""
-    texts = ["Variables: 3\n", "(x1 OR x2)\n", "Variables: 7\nClauses:\n" + "(x1 OR NOT x2 OR x3)\n" * 6]
+    texts = ["Variables: 3\n", "(x1 OR x2)\n", "Variables: 7\nClauses:\n" + "(x1 OR NOT x2 OR x3)\n" * 20]
     short, other, long = (tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     waves = [  # (prompt, seed, max_tokens): three waves, admitted while the earlier ones run
         [(short, 10, 100), (other, 11, 5), (short, 12, 9)],

@@ -13,21 +13,20 @@ import time
 
 import httpx
 import pytest
-from helpers import pid_alive
+from helpers import pid_alive, wait_until
 from jsonargparse import ArgumentParser
+from safetensors.torch import load_file, save_file
 from test_inference_client import FakeServer
 
 from grpo_lightning.inference.client import GenerationRequest, SamplingParams, ServerUnavailable
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig, server_argv, server_env
 from grpo_lightning.inference.weight_sync import WeightSyncError, sync_weights
+from grpo_lightning.inference.weights import folder_checksum
 from grpo_lightning.models import load_tokenizer
 
 
 def wait_gone(pid: int, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not pid_alive(pid)
+    return wait_until(lambda: not pid_alive(pid), seconds)
 
 
 def test_server_config_parses_with_jsonargparse_and_documents_every_field():
@@ -290,15 +289,18 @@ def test_a_launched_server_found_dead_at_the_sync_is_started_on_the_new_weights(
     of ours that died between two syncs is started on the new checkpoint (and verified)."""
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(tiny_sat_path, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["model.norm.weight"] += 0.5  # new weights, so that serving the old ones cannot pass
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
     config = ServerConfig(device="cpu", startup_timeout=180, sync="disk", max_retries=1, backoff=0.1)
     with ManagedServer(config, model=tiny_sat_path, log_path=tmp_path / "server.log") as server:
         first = server.pid
         os.killpg(first, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while server.exit_code is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: server.exit_code is not None, 30)
         assert server.exit_code == -signal.SIGKILL
         with pytest.warns(UserWarning, match=r"server process exited \(code -9\); restarting it on"):
             report = sync_weights(server, checkpoint)
         assert report.method == "restart" and report.verified and server.pid != first
+        assert report.checksum == folder_checksum(checkpoint) != folder_checksum(tiny_sat_path)
+        assert server.recoveries == 1  # the trainer's server/restarts
         assert server.served_weights == str(checkpoint.resolve()) and server.exit_code is None

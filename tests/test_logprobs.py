@@ -104,8 +104,6 @@ def test_frozen_weight_and_no_grad() -> None:
 
 
 def _tiny_qwen2(tie: bool):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -189,10 +187,7 @@ def _shared_batch():
 def test_shared_prompt_path_equals_full_sequences(dtype: torch.dtype) -> None:
     """Running each prompt once and its completions on a repeated cache gives the same
     log-probabilities, entropies and gradients as the full sequences."""
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(config).to(dtype)
+    model = _tiny_qwen2(True).to(dtype)
     shared, full = _shared_batch()
     logp, ent = shared_prompt_token_logprobs(model, *shared, temperature=0.7, with_entropy=True)
     (logp.sum() + 0.5 * ent.sum()).backward()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import processes_with
 
 from grpo_lightning import sweep
 from grpo_lightning.inference.launch import ServerConfig, server_env
@@ -170,14 +171,7 @@ def test_sigterm_stops_every_run_and_its_server(tmp_path: Path) -> None:
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["status"] for r in manifest["runs"]] == ["interrupted", "interrupted", "pending"]
     ports = [log.read_text().split("--port ")[1].split()[0] for log in sweep_dir.glob("runs/*/server.log")]
-    alive = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if any(f"--port {p} " in cmd for p in ports) or str(sweep_dir) in cmd:
-            alive.append(cmd)
+    alive = [pid for needle in [*(f"--port {p} " for p in ports), str(sweep_dir)] for pid in processes_with(needle)]
     assert not alive
     for r in manifest["runs"][:2]:
         assert not Path(f"/proc/{r['pid']}").exists()

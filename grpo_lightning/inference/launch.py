@@ -273,6 +273,8 @@ class ManagedServer:
         self.served_model_name = config.served_model_name or (None if config.urls else model)
         self.served_weights: str | None = None
         """The folder ``sync_weights`` last pushed: what ``recover`` restarts on."""
+        self.recoveries = 0
+        """Restarts after a crash, a hang or a failed in-place weight update (``recover``)."""
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -359,10 +361,12 @@ class ManagedServer:
         self.start()
         return time.perf_counter() - start
 
-    def recover(self) -> float:
-        """Restart a crashed or hung launched server on the weights it served: the folder last
-        pushed by ``sync_weights``, else the model it was launched with."""
-        return self.restart(model=self.served_weights)
+    def recover(self, model: str | None = None) -> float:
+        """Restart a launched server that crashed, hung or failed to take new weights, on
+        ``model`` (default: the weights it served: the folder last pushed by ``sync_weights``,
+        else the model it was launched with); counted in ``recoveries``."""
+        self.recoveries += 1
+        return self.restart(model=model or self.served_weights)
 
     def __enter__(self) -> ManagedServer:
         return self.start()

@@ -137,7 +137,7 @@ def sync_weights(
         chosen = "restart"
     with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
         if chosen == "restart":
-            _restart(managed, model_dir)
+            _restart(managed, model_dir, recover=method != "restart")
         else:
             try:
                 for url in urls:
@@ -147,7 +147,7 @@ def sync_weights(
                     raise
                 warnings.warn(f"{exc}; restarting the server instead", stacklevel=2)
                 chosen = "restart"
-                _restart(managed, model_dir)
+                _restart(managed, model_dir, recover=True)
         seconds = time.perf_counter() - start
         if managed is not None:
             managed.served_weights = model_dir
@@ -195,9 +195,10 @@ def _resolve_method(method: str, backend: str, can_restart: bool) -> str:
     return method
 
 
-def _restart(server: ManagedServer, model_dir: str) -> None:
+def _restart(server: ManagedServer, model_dir: str, recover: bool) -> None:
+    """``recover``: the server failed (it died, or refused the update), not a planned restart."""
     try:
-        server.restart(model=model_dir)
+        (server.recover if recover else server.restart)(model=model_dir)
     except ServerUnavailable as exc:
         raise WeightSyncError(f"restarting the server on {model_dir} failed: {exc}") from exc
 
