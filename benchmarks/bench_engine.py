@@ -28,9 +28,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from bench_server import sat_prompts  # this folder is on the path when a script runs
 
 import grpo_lightning.inference.engine as current
-from grpo_lightning.envs.sat import SATEnv
 from grpo_lightning.inference.protocol import SamplingOptions
 from grpo_lightning.models import load_policy, load_tokenizer, resolve_model_path, stop_token_ids
 
@@ -104,11 +104,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    env = SATEnv()
-    prompts = [
-        tokenizer(tokenizer.apply_chat_template(env.reset(s), add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-        for s in range(64)
-    ]
+    prompts = sat_prompts(tokenizer, 64)
     model, stops = load_policy(path), stop_token_ids(tokenizer, path)
     with tempfile.TemporaryDirectory() as tmp:
         baseline = engine_at(args.baseline, Path(tmp))

@@ -219,12 +219,8 @@ def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, pa
     raise AssertionError("unreachable")
 
 
-def _post(http: httpx.Client, url: str, path: str, retry: Retry, payload: dict | None = None) -> httpx.Response:
-    return _send(http, "POST", url, path, retry, payload)
-
-
 def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
-    r = _post(http, url, "/update_weights_from_disk", retry, {"model_path": model_dir})
+    r = _send(http, "POST", url, "/update_weights_from_disk", retry, {"model_path": model_dir})
     try:
         answer = r.json()
     except ValueError:
@@ -235,8 +231,9 @@ def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry
 
 
 def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
-    r = _post(
+    r = _send(
         http,
+        "POST",
         url,
         "/collective_rpc",
         retry,
@@ -253,12 +250,12 @@ def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> 
             {"method": "reload_weights"},
         ]
         for step in steps:
-            r = _post(http, url, "/collective_rpc", retry, step)
+            r = _send(http, "POST", url, "/collective_rpc", retry, step)
             if r.status_code != 200:
                 raise WeightSyncError(
                     f"{url} /collective_rpc {step['method']} failed: HTTP {r.status_code} {r.text[:300]}"
                 )
-    r = _post(http, url, "/reset_prefix_cache", retry)
+    r = _send(http, "POST", url, "/reset_prefix_cache", retry)
     if r.status_code != 200:
         raise WeightSyncError(
             f"{url} /reset_prefix_cache failed: HTTP {r.status_code} {r.text[:300]}"
