@@ -400,6 +400,9 @@ class GRPOModule(pl.LightningModule):
         metrics["train/optimizer_steps"] = float(len(s["steps"]) - len(s["skipped"]))
         metrics["train/nonfinite_steps_skipped"] = float(len(s["skipped"]))
         metrics["time/train_s"] = self._train_seconds
+        if self.device.type == "cuda":
+            # The run's peak so far (this process's allocator), to size micro-batches and the server's share.
+            metrics["device/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
     def _reduce_across_ranks(self, stats: dict[str, Stat]) -> dict[str, Stat]:

@@ -52,3 +52,28 @@ def test_fit_on_cuda_with_server_on_cuda(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "last.ckpt").exists()
     config = (run / "config.yaml").read_text()
     assert "accelerator: gpu" in config
+
+
+def test_tf32_head_stays_within_a_hundredth_of_a_nat_of_fp64() -> None:
+    """``trainer.tf32`` (the default) runs the log-probability head's fp32 products on TF32
+    tensor cores; the log-probabilities stay far closer to exact than bf16 logits would be."""
+    from grpo_lightning.cli import GRPOTrainer
+    from grpo_lightning.logprobs import token_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(512, 1536, device="cuda", generator=g)
+    w = torch.randn(151936, 1536, device="cuda", generator=g) * 0.1  # logits std ~4, extremes ~20
+    y = torch.randint(0, 151936, (512,), device="cuda", generator=g)
+    ref, _ = token_logprobs(h.double(), w.double(), y)
+    try:
+        errors = {}
+        for tf32 in (False, True):
+            GRPOTrainer(accelerator="cpu", logger=False, enable_checkpointing=False, tf32=tf32)
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            got, _ = token_logprobs(h, w, y)
+            errors[tf32] = (got.double() - ref).abs().max().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    assert errors[False] < 1e-3  # true fp32
+    assert errors[True] < 0.02
+    assert errors[True] > errors[False]  # TF32 was really used
