@@ -60,14 +60,9 @@ def test_launch_commands_and_environment():
         max_num_seqs=32,
     )
     argv = server_argv(vllm, "/ckpt/step-3", 30001, served_model_name="policy")
-    assert argv[:5] == [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        "/ckpt/step-3",
-    ]
-    pairs = dict(zip(argv[3::2], argv[4::2], strict=False))
+    # ``vllm serve MODEL``; tests/test_contracts_vllm.py parses it with vLLM's own parser.
+    assert argv[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/ckpt/step-3"]
+    pairs = dict(zip(argv[5::2], argv[6::2], strict=False))
     assert (
         pairs["--served-model-name"] == "policy"
         and pairs["--port"] == "30001"
@@ -304,3 +299,46 @@ def test_a_launched_server_found_dead_at_the_sync_is_started_on_the_new_weights(
         assert report.checksum == folder_checksum(checkpoint) != folder_checksum(tiny_sat_path)
         assert server.recoveries == 1  # the trainer's server/restarts
         assert server.served_weights == str(checkpoint.resolve()) and server.exit_code is None
+
+
+def test_a_server_launched_through_another_interpreter(tmp_path, tiny_sat_path):
+    # A wrapper in front of the interpreter, as for a container or a separate environment:
+    # it records how it was called, then runs the interpreter it wraps.
+    wrapper = tmp_path / "bin" / "server-python"
+    wrapper.parent.mkdir()
+    calls = tmp_path / "calls.txt"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    config = ServerConfig(device="cpu", python=str(wrapper), startup_timeout=180)
+    with ManagedServer(config, model=tiny_sat_path, log_path=tmp_path / "server.log") as server:
+        assert httpx.get(f"{server.urls[0]}/health").status_code == 200
+        out = server.client().generate([GenerationRequest([1, 2], 1, 0, SamplingParams(max_tokens=2))])
+        assert len(out[0][0].token_ids) >= 1
+        (line,) = calls.read_text().splitlines()
+        assert line.startswith(f"-m grpo_lightning.inference.server --model {tiny_sat_path} ")
+        assert f"--port {server.port}" in line
+    with pytest.raises(ValueError, match=r"^data.server.python='/nonexistent/python' is not an executable"):
+        ManagedServer(ServerConfig(python="/nonexistent/python"), model=tiny_sat_path)
+
+
+def test_dev_mode_reachable_from_other_hosts_is_warned_about(recwarn):
+    exposed = [
+        ServerConfig(backend="vllm", urls=["http://gpu-node:8000"]),
+        ServerConfig(backend="vllm", urls=["http://127.0.0.1:8000", "http://10.1.2.3:8000"], sync="reload"),
+        ServerConfig(backend="vllm", host="0.0.0.0"),
+    ]
+    for config in exposed:
+        with pytest.warns(UserWarning, match="without its API key check") as caught:
+            ManagedServer(config, model="m")
+        hosts = [h for h in ("gpu-node", "10.1.2.3", "0.0.0.0") if h in str(caught[0].message)]
+        assert len(hosts) == 1
+    quiet = [
+        ServerConfig(backend="vllm", urls=["http://localhost:8000", "http://[::1]:8000"]),
+        ServerConfig(backend="vllm"),  # a launched server binds 127.0.0.1
+        ServerConfig(backend="vllm", host="0.0.0.0", sync="restart"),  # no dev mode
+        ServerConfig(backend="sglang", urls=["http://gpu-node:30000"]),
+    ]
+    recwarn.clear()
+    for config in quiet:
+        ManagedServer(config, model="m")
+    assert not [w for w in recwarn if "API key check" in str(w.message)]

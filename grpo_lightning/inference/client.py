@@ -28,7 +28,7 @@ import asyncio
 import concurrent.futures
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -88,6 +88,10 @@ class Completion:
     """``stop`` (EOS or a stop token) or ``length`` (``max_tokens`` reached)."""
     text: str
     """Decoded completion with special tokens removed."""
+    weight_versions: list[str] = field(default_factory=list)
+    """Labels of the weights that sampled the tokens, in order (several when the weights changed
+    mid-completion), as SGLang and vLLM (with ``return_weight_versions``) report them; empty
+    when the server reports none."""
 
 
 class _Retryable(Exception):
@@ -114,6 +118,8 @@ class RolloutClient:
         tokenizer: decodes ``token_ids`` when a server returns no text.
         transport: an ``httpx`` transport to use instead of the network (tests, proxies).
         max_backoff: the longest pause between two attempts.
+        return_weight_versions: vLLM only: ask for the weight version that sampled each
+            completion (SGLang always reports it).
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class RolloutClient:
         tokenizer=None,
         transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
         max_backoff: float = 30.0,
+        return_weight_versions: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -147,6 +154,7 @@ class RolloutClient:
         self.max_backoff = max_backoff
         self.tokenizer = tokenizer
         self.transport = transport
+        self.return_weight_versions = return_weight_versions and backend == "vllm"
         self._models: dict[str, str] = {}
         self._next_url = itertools.count()
 
@@ -269,7 +277,10 @@ class RolloutClient:
             body = await self._post(http, url, "/generate", sglang_payload(req))
             return parse_sglang(body, req, self.tokenizer)
         model = self.model or await self._served_model(http, url)
-        body = await self._post(http, url, "/v1/completions", openai_payload(req, model))
+        payload = openai_payload(req, model)
+        if self.return_weight_versions:
+            payload["return_weight_versions"] = True
+        body = await self._post(http, url, "/v1/completions", payload)
         return parse_openai(body, req, self.tokenizer)
 
     async def _served_model(self, http, url: str) -> str:
@@ -354,17 +365,17 @@ def parse_openai(body: dict, req: GenerationRequest, tokenizer=None) -> list[Com
                 raise _Retryable("the server aborted the request")
             prompt = c.get("prompt_token_ids") or body.get("prompt_token_ids")
             lp = c.get("logprobs") or {}
-            out.append(
-                _completion(
-                    req,
-                    prompt,
-                    c["token_ids"],
-                    lp.get("token_logprobs"),
-                    c.get("finish_reason"),
-                    c.get("text"),
-                    tokenizer,
-                )
+            completion = _completion(
+                req,
+                prompt,
+                c["token_ids"],
+                lp.get("token_logprobs"),
+                c.get("finish_reason"),
+                c.get("text"),
+                tokenizer,
             )
+            completion.weight_versions = [s["version"] for s in c.get("weight_versions") or []]
+            out.append(completion)
     except (KeyError, TypeError, AttributeError) as exc:
         raise GenerationError(
             f"unexpected completions answer (missing {exc}); did the server get return_token_ids?"
@@ -399,11 +410,16 @@ def parse_sglang(body, req: GenerationRequest, tokenizer=None) -> list[Completio
             )
         if [t[1] for t in triples] != list(ids):
             raise GenerationError("SGLang output_ids and output_token_logprobs disagree")
-        out.append(
-            _completion(
-                req, None, ids, [t[0] for t in triples], reason, item.get("text"), tokenizer
-            )
+        completion = _completion(
+            req, None, ids, [t[0] for t in triples], reason, item.get("text"), tokenizer
         )
+        # Spans when the weights changed during the request; otherwise the one current label.
+        spans = meta.get("weight_versions")
+        if spans:
+            completion.weight_versions = [s["version"] for s in spans]
+        elif meta.get("weight_version") is not None:
+            completion.weight_versions = [str(meta["weight_version"])]
+        out.append(completion)
     return out
 
 

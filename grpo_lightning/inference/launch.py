@@ -22,7 +22,9 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -103,6 +106,11 @@ class ServerConfig:
         stop_timeout: Seconds a server gets to exit after SIGTERM before it is killed.
         extra_args: Additional command-line arguments appended to the server's command.
         env: Additional environment variables for the server process.
+        python: Interpreter that runs a launched server: an absolute path, a name on ``PATH``,
+            or a wrapper script that ends by running ``python "$@"`` (e.g. inside a container).
+            None uses the trainer's own. Lets vLLM/SGLang come from an environment of their own
+            whose torch differs from the trainer's; the built-in server then needs
+            grpo-lightning installed there too.
     """
 
     backend: Literal["builtin", "vllm", "sglang"] = "builtin"
@@ -129,6 +137,7 @@ class ServerConfig:
     stop_timeout: float = 15.0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None
 
 
 # Where a launched server reads its API key from the environment it inherits.
@@ -150,8 +159,9 @@ def server_argv(
     """
     name = served_model_name or config.served_model_name or model
     common = ["--host", config.host, "--port", str(port), "--served-model-name", name]
+    python = config.python or sys.executable
     if config.backend == "builtin":
-        argv = [sys.executable, "-m", "grpo_lightning.inference.server", "--model", model, *common]
+        argv = [python, "-m", "grpo_lightning.inference.server", "--model", model, *common]
         argv += [
             "--device",
             config.device,
@@ -164,14 +174,9 @@ def server_argv(
         if config.max_model_len:
             argv += ["--max-model-len", str(config.max_model_len)]
     elif config.backend == "vllm":
-        argv = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            *common,
-        ]
+        # ``vllm serve MODEL`` (the module form works where no ``vllm`` script is on PATH);
+        # ``vllm.entrypoints.openai.api_server`` is deprecated.
+        argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model, *common]
         argv += [
             "--dtype",
             config.dtype,
@@ -184,7 +189,7 @@ def server_argv(
         if config.max_model_len:
             argv += ["--max-model-len", str(config.max_model_len)]
     elif config.backend == "sglang":
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *common]
+        argv = [python, "-m", "sglang.launch_server", "--model-path", model, *common]
         argv += [
             "--dtype",
             config.dtype,
@@ -217,6 +222,32 @@ def server_env(config: ServerConfig) -> dict[str, str]:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(config.env)
     return env
+
+
+def uses_vllm_dev_mode(config: ServerConfig) -> bool:
+    """True when weights reach vLLM through its dev-mode routes (``/collective_rpc`` ...)."""
+    return config.backend == "vllm" and config.sync in ("auto", "reload")
+
+
+def exposed_dev_mode_hosts(config: ServerConfig) -> list[str]:
+    """Hosts of vLLM servers in dev mode that other machines may reach.
+
+    vLLM checks its API key only on ``/v1/...`` paths: ``/collective_rpc``, which runs any worker
+    method, and the other dev-mode routes answer anyone who reaches the port.
+    """
+    if not uses_vllm_dev_mode(config):
+        return []
+    hosts = [httpx.URL(u).host for u in config.urls] if config.urls else [config.host]
+    return [h for h in hosts if not _is_loopback(h)]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def physical_gpu(index: int) -> str:
@@ -261,6 +292,18 @@ class ManagedServer:
         if not config.urls and model is None:
             raise ValueError(
                 "ManagedServer needs a model to launch (or ServerConfig.urls to attach)"
+            )
+        if not config.urls and config.python and shutil.which(config.python) is None:
+            raise ValueError(
+                f"data.server.python={config.python!r} is not an executable file or a command on PATH"
+            )
+        if exposed := exposed_dev_mode_hosts(config):
+            warnings.warn(
+                f"vLLM weight sync uses its dev-mode routes (/collective_rpc, /reset_prefix_cache), "
+                f"which vLLM serves without its API key check, on {', '.join(exposed)}: anyone "
+                "reaching that port can run worker methods. Keep the server on 127.0.0.1 (an SSH "
+                "tunnel or a firewalled network for remote GPUs), or launch it with data.server.sync=restart",
+                stacklevel=2,
             )
         self.port = config.port
         self.log_path = (

@@ -8,8 +8,11 @@ Methods, fastest first:
   ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}``; vLLM
   versions whose ``reload_weights`` takes no path get ``update_config`` (pointing
   ``model_config.model`` at DIR) followed by ``reload_weights``. Then ``POST /reset_prefix_cache``
-  so that no KV computed with the old weights is reused. vLLM does not pause generation for
-  this: sync between rollout phases, with no request in flight (the trainer does).
+  so that no KV computed with the old weights is reused: it answers 200 with
+  ``{"success": false}`` while cache blocks are still held, which is retried once and then fails
+  the sync (stale KV would otherwise keep serving the old weights). Then
+  ``POST /update_weight_version {"new_version": V}`` labels the new weights. vLLM does not pause
+  generation for this: sync between rollout phases, with no request in flight (the trainer does).
 * ``restart`` (any managed server): stop it and start it on DIR. Always works; costs a process
   start and a full model load (tens of seconds to minutes on a real model).
 
@@ -19,9 +22,15 @@ whose process has exited is restarted on the new weights whatever the method.
 
 After the push the servers are checked, so that training never silently continues against
 stale weights: the built-in server's weights checksum must equal the folder's
-(``weights.folder_checksum``), and with a ``probe`` (the trainer's own logprobs for a
-(prompt, completion) pair) a short sampled completion's server logprobs must match the
-trainer's within ``tolerance``. A failed check raises ``WeightSyncError``.
+(``weights.folder_checksum``); vLLM and SGLang label the weights of an in-place update with a
+version unique to this sync (SGLang through ``weight_version`` in the update request) and report,
+with each completion, the version that sampled it (vLLM's ``weight_versions`` when asked with
+``return_weight_versions``, SGLang's ``meta_info``): a short completion must carry the new label.
+This catches a server left one step behind, which logprobs alone may not (one optimizer step
+moves them by less than any useful tolerance). With a ``probe`` (the trainer's own logprobs for a
+(prompt, completion) pair) the same completion's server logprobs must also match the trainer's
+within ``tolerance``. A failed check raises ``WeightSyncError``. A vLLM without the version route
+(before ``/update_weight_version``) is checked by the probe alone.
 
 A server that does not answer (connection refused or reset, timeout) is retried with the same
 budget as generation requests (``max_retries``, ``backoff`` doubling); once it is spent the
@@ -31,6 +40,7 @@ sync raises ``ServerUnreachable``, so the caller can tell a lost server from a r
 from __future__ import annotations
 
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +50,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from .client import (
+    Completion,
     GenerationRequest,
     RolloutClient,
     SamplingParams,
@@ -85,6 +96,8 @@ class SyncReport:
     max_logprob_diff: float | None = None
     """Largest |server - trainer| logprob difference of the probe, when one ran."""
     verify_seconds: float = 0.0
+    weight_version: str | None = None
+    """The version label every server reported after the sync, when they can report one."""
 
 
 def sync_weights(
@@ -101,9 +114,13 @@ def sync_weights(
     timeout: float = 600.0,
     retry: Retry | None = None,
     transport: httpx.BaseTransport | None = None,
+    version: str | None = None,
 ) -> SyncReport:
     """Make every server serve the weights in ``model_dir``; raise ``WeightSyncError`` otherwise
     (``ServerUnreachable`` when a server did not answer within ``retry``).
+
+    ``version`` labels the new weights on servers that track one (vLLM, SGLang); None makes a
+    label unique to this call, so that a server still on any earlier weights is told apart.
 
     ``server`` is a ``ManagedServer`` (backend, key, method, tolerance and retry budget come
     from its config) or URLs of servers we do not own (then pass ``backend``; ``restart`` is
@@ -130,6 +147,8 @@ def sync_weights(
     chosen = _resolve_method(method, backend, can_restart=managed is not None and managed.managed)
     headers = auth_headers(api_key)
 
+    version = version or f"{Path(model_dir).name}-{uuid.uuid4().hex[:12]}"
+    labelled: list[str] = []  # URLs whose weights now carry ``version``
     start = time.perf_counter()
     if managed is not None and managed.managed and managed.exit_code is not None and chosen != "restart":
         # Nothing can load weights into a process that is gone: start it on them, whatever the method.
@@ -141,12 +160,15 @@ def sync_weights(
         else:
             try:
                 for url in urls:
-                    (_update_from_disk if chosen == "disk" else _vllm_reload)(http, url, model_dir, retry)
+                    push = _update_from_disk if chosen == "disk" else _vllm_reload
+                    if push(http, url, model_dir, retry, version if backend != "builtin" else None):
+                        labelled.append(url)
             except WeightSyncError as exc:
                 if not (method == "auto" and managed is not None and managed.managed):
                     raise
                 warnings.warn(f"{exc}; restarting the server instead", stacklevel=2)
                 chosen = "restart"
+                labelled = []  # a fresh process serves the folder it was started on
                 _restart(managed, model_dir, recover=True)
         seconds = time.perf_counter() - start
         if managed is not None:
@@ -157,16 +179,27 @@ def sync_weights(
         if backend == "builtin":
             report.checksum = _check_checksum(http, urls, model_dir, retry)
             report.verified = True
-    if probe is not None:
-        clients = [
-            RolloutClient([u], backend=backend, api_key=api_key, max_retries=2, transport=transport)
-            for u in urls
-        ]
+    if probe is not None or labelled:
         prompt = probe_prompt_ids or DEFAULT_PROBE_PROMPT
-        report.max_logprob_diff = max(
-            _check_probe(c, probe, prompt, probe_tokens, tolerance) for c in clients
-        )
-        report.verified = True
+        diffs = []
+        for url in urls:
+            client = RolloutClient(
+                [url],
+                backend=backend,
+                api_key=api_key,
+                max_retries=2,
+                transport=transport,
+                return_weight_versions=url in labelled,
+            )
+            completion = _probe_completion(client, prompt, probe_tokens)
+            if url in labelled and not _check_version(url, completion, version):
+                labelled.remove(url)
+            if probe is not None:
+                diffs.append(_check_logprobs(url, completion, probe, prompt, tolerance))
+        report.max_logprob_diff = max(diffs) if diffs else None
+        every = set(labelled) == set(urls)
+        report.weight_version = version if every else None
+        report.verified = probe is not None or every
     report.verify_seconds = time.perf_counter() - verify_start
     if not report.verified:
         warnings.warn(
@@ -219,18 +252,21 @@ def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, pa
     raise AssertionError("unreachable")
 
 
-def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
-    r = _send(http, "POST", url, "/update_weights_from_disk", retry, {"model_path": model_dir})
-    try:
-        answer = r.json()
-    except ValueError:
-        answer = {}
+def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry, version: str | None) -> bool:
+    """SGLang (and the built-in server): returns True when the update labelled the weights."""
+    body = {"model_path": model_dir}
+    if version is not None:
+        body["weight_version"] = version
+    r = _send(http, "POST", url, "/update_weights_from_disk", retry, body)
+    answer = _json_object(r)
     if r.status_code != 200 or not answer.get("success"):
         message = answer.get("message") or r.text
         raise WeightSyncError(f"{url} could not load {model_dir}: HTTP {r.status_code} {message}")
+    return version is not None
 
 
-def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> None:
+def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry, version: str | None) -> bool:
+    """Returns True when the server took the version label (vLLM with ``/update_weight_version``)."""
     r = _send(
         http,
         "POST",
@@ -255,11 +291,43 @@ def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry) -> 
                 raise WeightSyncError(
                     f"{url} /collective_rpc {step['method']} failed: HTTP {r.status_code} {r.text[:300]}"
                 )
-    r = _send(http, "POST", url, "/reset_prefix_cache", retry)
+    _reset_prefix_cache(http, url, retry)
+    if version is None:
+        return False
+    r = _send(http, "POST", url, "/update_weight_version", retry, {"new_version": version})
+    if r.status_code == 404:  # vLLM before the route: the logprob probe is the only check
+        return False
     if r.status_code != 200:
-        raise WeightSyncError(
-            f"{url} /reset_prefix_cache failed: HTTP {r.status_code} {r.text[:300]}"
-        )
+        raise WeightSyncError(f"{url} /update_weight_version failed: HTTP {r.status_code} {r.text[:300]}")
+    return True
+
+
+def _reset_prefix_cache(http: httpx.Client, url: str, retry: Retry) -> None:
+    # vLLM answers 200 {"success": false} while blocks are still held (a request still running,
+    # a KV offload in flight); the old weights' KV would then be reused. One more try after a
+    # pause, then the sync fails (and a server of ours is restarted instead).
+    for attempt in range(2):
+        r = _send(http, "POST", url, "/reset_prefix_cache", retry)
+        if r.status_code != 200:
+            raise WeightSyncError(
+                f"{url} /reset_prefix_cache failed: HTTP {r.status_code} {r.text[:300]}"
+            )
+        if _json_object(r).get("success", True) is not False:  # older vLLM answer with no body
+            return
+        if attempt == 0:
+            time.sleep(max(retry.backoff, 0.5))
+    raise WeightSyncError(
+        f"{url} /reset_prefix_cache answered success=false twice: KV cached with the old weights "
+        "could still be reused"
+    )
+
+
+def _json_object(r: httpx.Response) -> dict:
+    try:
+        answer = r.json()
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str, retry: Retry) -> str:
@@ -282,17 +350,37 @@ def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str, retry: 
     return served
 
 
-def _check_probe(
-    client: RolloutClient, probe: Probe, prompt: list[int], tokens: int, tolerance: float
-) -> float:
+def _probe_completion(client: RolloutClient, prompt: list[int], tokens: int) -> Completion:
     # Temperature 1, no top-k/top-p: every backend then reports the model's raw logprobs.
     request = GenerationRequest(
         prompt_ids=list(prompt), n=1, seed=0, params=SamplingParams(max_tokens=tokens)
     )
     try:
-        completion = client.generate([request])[0][0]
+        return client.generate([request])[0][0]
     except RuntimeError as exc:
         raise WeightSyncError(f"probe generation failed: {exc}") from None
+
+
+def _check_version(url: str, completion: Completion, version: str) -> bool:
+    """True when the completion shows ``version``; False when the server reports no version."""
+    if not completion.weight_versions:
+        warnings.warn(
+            f"{url} took weight version {version!r} but reports no version with its completions; "
+            "only the logprob probe can check it",
+            stacklevel=3,
+        )
+        return False
+    if set(completion.weight_versions) != {version}:
+        raise WeightSyncError(
+            f"{url} does not serve the new weights: its completion was sampled by weight version "
+            f"{', '.join(map(repr, completion.weight_versions))}, not {version!r}"
+        )
+    return True
+
+
+def _check_logprobs(
+    url: str, completion: Completion, probe: Probe, prompt: list[int], tolerance: float
+) -> float:
     local = probe(list(prompt), completion.token_ids)
     if len(local) != len(completion.logprobs):
         raise WeightSyncError(
@@ -301,7 +389,7 @@ def _check_probe(
     diff = max(abs(a - b) for a, b in zip(local, completion.logprobs, strict=True))
     if diff > tolerance:
         raise WeightSyncError(
-            f"{client.urls[0]} does not serve the trainer's weights: logprobs differ by up to "
+            f"{url} does not serve the trainer's weights: logprobs differ by up to "
             f"{diff:.3g} (tolerance {tolerance:g})"
         )
     return diff
