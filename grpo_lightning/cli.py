@@ -143,7 +143,8 @@ def resolve_last_checkpoint(config: Namespace) -> None:
         raise ValueError("--ckpt_path last needs a TensorBoardLogger in trainer.logger to find the run folder")
     args = logger.init_args
     base = Path(args.save_dir) / (args.name or "")
-    runs = [p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()]
+    # A file, or a folder under a sharding strategy (a distributed checkpoint).
+    runs = [p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").exists()]
     if not runs:
         raise ValueError(f"--ckpt_path last: no checkpoints/last.ckpt under {base}/version_*; nothing to resume")
     newest = max(runs, key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
