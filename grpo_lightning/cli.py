@@ -114,7 +114,7 @@ class GRPOCLI(LightningCLI):
         trainer = self.trainer
         if ckpt_path:  # otherwise the server loads the config's model itself: nothing to load here
             model.configure_model(reference=False)
-            model.load_state_dict(trainer.strategy.checkpoint_io.load_checkpoint(ckpt_path)["state_dict"])
+            model.load_state_dict(checkpoint_state_dict(ckpt_path, model, trainer))
         datamodule.trainer = trainer
         datamodule.setup("validate")
         try:
@@ -130,6 +130,18 @@ class GRPOCLI(LightningCLI):
             print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
         finally:
             datamodule.teardown("validate")
+
+
+def checkpoint_state_dict(path: str, model: GRPOModule, trainer: Trainer) -> dict[str, Any]:
+    """The weights of a checkpoint: a file, or the folder a sharding strategy writes (a
+    distributed checkpoint, read here in one process into ``model``'s unsharded layout)."""
+    if not Path(path).is_dir():
+        return trainer.strategy.checkpoint_io.load_checkpoint(path)["state_dict"]
+    import torch.distributed.checkpoint as dcp
+
+    state = {"state_dict": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    return state["state_dict"]
 
 
 def resolve_last_checkpoint(config: Namespace) -> None:

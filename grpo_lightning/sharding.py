@@ -140,11 +140,17 @@ def _plan_shards(state: list[tuple[str, torch.Tensor]], max_shard_bytes: int) ->
     return shards
 
 
-def gathered_tensors(model: nn.Module, write: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+def gathered_tensors(
+    model: nn.Module, write: bool, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Each stored tensor of ``model`` in full, one at a time (a collective per sharded tensor:
-    every rank must iterate to the end); on the CPU where ``write``, None elsewhere."""
+    every rank must iterate to the end); on the CPU where ``write``, None elsewhere.
+
+    ``keep``: only the tensors whose state-dict name it accepts (e.g. an adapter's)."""
     dtensor = _dtensor_type()
     for name, value in _unique_state(model):
+        if keep is not None and not keep(name):
+            continue
         full = value.detach()
         if isinstance(full, dtensor):
             full = full.full_tensor()

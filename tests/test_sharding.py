@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_same_iteration, load
+from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 from sharding_probe import PROBES
 from test_training import CONFIG, ROOT, TINY, fit
 from transformers import AutoModelForCausalLM
 
+from grpo_lightning.cli import checkpoint_state_dict
 from grpo_lightning.inference.weights import checkpoint_keys, folder_checksum
 from grpo_lightning.models import load_policy, resolve_model_path
 from grpo_lightning.module import GRPOModule
@@ -77,6 +79,13 @@ def test_two_sharded_cpu_ranks_train_as_one_process_and_resume_exactly(tmp_path:
     hf = AutoModelForCausalLM.from_pretrained(synced)
     state = hf.state_dict()
     assert all(torch.equal(state[k], ranks[0][k]) for k in one)
+
+    # validate --ckpt_path reads the distributed checkpoint in one process.
+    module = GRPOModule()
+    module.configure_model(reference=False)
+    module.load_state_dict(checkpoint_state_dict(str(ckpt), module, Trainer(accelerator="cpu", logger=False)))
+    restored = module.policy.state_dict()
+    assert all(torch.equal(restored[k], ranks[0][k]) for k in one)
 
     # The probe that verifies vLLM/SGLang syncs, run as a collective of the sharded policy.
     probes = load(run / "probe.json")
