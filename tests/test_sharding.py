@@ -44,6 +44,7 @@ def fit_sharded(save_dir: Path, *extra: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs (two of them two processes plus a server): above the default on a busy machine
 def test_two_sharded_cpu_ranks_train_as_one_process_and_resume_exactly(tmp_path: Path) -> None:
     """Two iterations unsharded in one process against the same two iterations sharded over two
     ranks, stopped after the first and resumed from last.ckpt (a distributed checkpoint with
