@@ -34,6 +34,7 @@ from .inference.launch import ServerUnreachable, sync_weights
 from .module import GRPOModule, NonFiniteError
 from .rollouts import Rollout
 from .runfiles import replace_durably, write_json_atomic
+from .sharding import RankZeroCalls
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -52,18 +53,40 @@ def save_hf_atomic(module: GRPOModule, target: Path, same_as: Path | None = None
     """Save the policy as an HF folder under a temporary name, then swap it into ``target``.
 
     ``same_as``: a folder already holding exactly these weights (the one just synced to the
-    server): its files are hard-linked instead of serialising and writing the model again."""
+    server): its files are hard-linked instead of serialising and writing the model again.
+
+    Collective when the policy is sharded (every rank gathers, rank 0 writes); otherwise rank
+    zero calls it alone."""
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if same_as is None or not _link_tree(same_as, tmp):
+    writer = module.global_rank == 0
+    linked = False
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        linked = same_as is not None and _link_tree(same_as, tmp)
+    if module.sharded:
+        linked = module.trainer.strategy.broadcast(linked)
+    if not linked:
         module.save_hf(tmp)
+    if writer:
+        swap_into(tmp, target)
+    return target
+
+
+def swap_into(tmp: Path, target: Path) -> None:
+    """Replace ``target`` (a file or a folder) by ``tmp``; at every moment one of them is whole."""
     old = target.with_name(target.name + ".old")
     if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.replace(target, old)
     replace_durably(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _log_scalars(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
@@ -130,21 +153,34 @@ class WeightSyncCallback(pl.Callback):
         assert isinstance(pl_module, GRPOModule)
         dm = trainer.datamodule
         assert isinstance(dm, RolloutDataModule)
-        if trainer.is_global_zero:
+        # The built-in server's checksum already proves which weights it serves; the
+        # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
+        probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
+        if pl_module.sharded:
+            # Gathering the weights and the probe's forward pass are collectives: every rank joins.
             t0 = time.perf_counter()
             folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
             self.synced = (folder, trainer.global_step)
+            if probe is not None:
+                probe = RankZeroCalls(probe, trainer.strategy.broadcast)
+                if not trainer.is_global_zero:
+                    probe.serve()
+        if trainer.is_global_zero:
+            if not pl_module.sharded:
+                t0 = time.perf_counter()
+                folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
+                self.synced = (folder, trainer.global_step)
             save_s = time.perf_counter() - t0
             assert dm.server is not None
-            # The built-in server's checksum already proves which weights it serves; the
-            # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
-            probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
             try:
                 report = sync_weights(dm.server, folder, probe=probe)
             except ServerUnreachable as exc:
                 if dm.server.managed:
                     raise
                 raise dm.server_lost(f"the weight sync ({reason})", exc) from exc
+            finally:
+                if isinstance(probe, RankZeroCalls):
+                    probe.close()
             self.last_report = {
                 "time/sync_s": save_s + report.seconds + report.verify_seconds,
                 "time/sync_save_s": save_s,
@@ -246,13 +282,14 @@ class HFCheckpointCallback(pl.Callback):
         assert isinstance(pl_module, GRPOModule)
         i = trainer.current_epoch
         last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
-        if trainer.is_global_zero and ((i + 1) % self.save_interval == 0 or last):
+        if (trainer.is_global_zero or pl_module.sharded) and ((i + 1) % self.save_interval == 0 or last):
             folder = run_dir(trainer) / "checkpoints"
             sync = next((c for c in trainer.callbacks if isinstance(c, WeightSyncCallback)), None)
             synced = sync.synced if sync is not None else None
             same_as = synced[0] if synced is not None and synced[1] == trainer.global_step else None
             save_hf_atomic(pl_module, folder / f"iter_{i:03d}", same_as=same_as)
-            self.prune(folder)
+            if trainer.is_global_zero:
+                self.prune(folder)
         trainer.strategy.barrier("hf_checkpoint")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -260,7 +297,8 @@ class HFCheckpointCallback(pl.Callback):
             return
         assert isinstance(pl_module, GRPOModule)
         folder = run_dir(trainer) / "checkpoints"
-        if pl_module.policy is not None and all(torch.isfinite(p).all() for p in pl_module.policy.parameters()):
+        # A sharded policy cannot be gathered from one rank alone: last.ckpt is what remains.
+        if pl_module.policy is not None and not pl_module.sharded and all(torch.isfinite(p).all() for p in pl_module.policy.parameters()):
             # A skipped step never touches the weights: these are the weights after the last good step.
             exception.saved_to.append(str(save_hf_atomic(pl_module, folder / "last_good")))
         if (folder / "last.ckpt").is_file():
@@ -297,7 +335,20 @@ class IterationCheckpoint(Checkpoint):
         self.save(trainer)
 
     def save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(run_dir(trainer) / "checkpoints" / "last.ckpt", weights_only=False)
+        target = run_dir(trainer) / "checkpoints" / "last.ckpt"
+        if not getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+            trainer.save_checkpoint(target, weights_only=False)  # a file, written atomically by AtomicCheckpointIO
+            return
+        # A sharded checkpoint is a folder every rank writes its slices into (the strategy, not
+        # our CheckpointIO, writes it): written under a temporary name, then swapped in.
+        tmp = target.with_name(target.name + ".tmp")
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.strategy.barrier("last_ckpt_tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier
+        if trainer.is_global_zero:
+            swap_into(tmp, target)
+        trainer.strategy.barrier("last_ckpt")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -128,7 +128,7 @@ class GRPOCLI(LightningCLI):
         trainer = self.trainer
         if ckpt_path:  # otherwise the server loads the config's model itself: nothing to load here
             model.configure_model(reference=False)
-            model.load_state_dict(trainer.strategy.checkpoint_io.load_checkpoint(ckpt_path)["state_dict"])
+            model.load_state_dict(checkpoint_state_dict(ckpt_path, model, trainer))
         datamodule.trainer = trainer
         datamodule.setup("validate")
         try:
@@ -146,6 +146,18 @@ class GRPOCLI(LightningCLI):
             datamodule.teardown("validate")
 
 
+def checkpoint_state_dict(path: str, model: GRPOModule, trainer: Trainer) -> dict[str, Any]:
+    """The weights of a checkpoint: a file, or the folder a sharding strategy writes (a
+    distributed checkpoint, read here in one process into ``model``'s unsharded layout)."""
+    if not Path(path).is_dir():
+        return trainer.strategy.checkpoint_io.load_checkpoint(path)["state_dict"]
+    import torch.distributed.checkpoint as dcp
+
+    state = {"state_dict": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    return state["state_dict"]
+
+
 def resolve_last_checkpoint(config: Namespace) -> None:
     """``--ckpt_path last`` resumes the newest run of the logger's name, in that run's folder."""
     if config.get("ckpt_path") != "last":
@@ -157,7 +169,8 @@ def resolve_last_checkpoint(config: Namespace) -> None:
         raise ValueError("--ckpt_path last needs a TensorBoardLogger in trainer.logger to find the run folder")
     args = logger.init_args
     base = Path(args.save_dir) / (args.name or "")
-    runs = [p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()]
+    # A file, or a folder under a sharding strategy (a distributed checkpoint).
+    runs = [p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").exists()]
     if not runs:
         raise ValueError(f"--ckpt_path last: no checkpoints/last.ckpt under {base}/version_*; nothing to resume")
     newest = max(runs, key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .envs import Environment, make_env
 from .inference.client import RetriesExhausted, RolloutClient, SamplingParams, ServerUnavailable
-from .inference.launch import ManagedServer, ServerConfig
+from .inference.launch import ManagedServer, ServerConfig, check_parallel
 from .metrics import all_equal, group_summary, zero_std_fraction
 from .models import load_tokenizer, stop_token_ids
 from .rollouts import (
@@ -196,6 +196,7 @@ class RolloutDataModule(pl.LightningDataModule):
         if bad:
             values = ", ".join(f"data.{k}={self._value(k)!r}" for k in bad)
             raise ValueError(f"invalid data config: {values} (see --print_config for the allowed values)")
+        check_parallel(self.server_config)
         if self.rollouts_per_problem * self.problems_per_iteration < self.steps_per_iteration:
             raise ValueError(
                 f"data.problems_per_iteration * data.rollouts_per_problem "

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from . import sharding
 from .logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
 from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
 from .models import load_policy, load_tokenizer
@@ -145,6 +146,8 @@ class GRPOModule(pl.LightningModule):
         self.tokenizer: Any = None
         # Held outside the module tree: never in state_dict, checkpoints or the optimizer.
         self._ref: list[torch.nn.Module] = []
+        self._roots: dict[int, sharding.ShardedRoot] = {}
+        """FSDP2 roots of the sharded policy and reference model, by ``id`` of the model."""
         self._stats: dict[str, Stat] = {}
         """This iteration's loss statistics, summed on the device: read once per iteration,
         so that a micro-batch costs no device-to-host copy for them."""
@@ -193,6 +196,7 @@ class GRPOModule(pl.LightningModule):
         if self.policy is not None:
             return
         h = self.hparams
+        mesh = self._data_parallel_mesh()
         self.policy = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
         if reference and h.kl_coef > 0:
             # The initial policy, copied before anything changes it (no second read from disk).
@@ -203,7 +207,29 @@ class GRPOModule(pl.LightningModule):
         self.policy.train()
         if h.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+        if mesh is not None:
+            bf16 = mesh.device_type == "cuda" and torch.cuda.is_bf16_supported()
+            self._roots = {id(m): sharding.shard(m, mesh, mixed_precision=bf16) for m in [self.policy, *self._ref]}
         self.tokenizer = load_tokenizer(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
+
+    def _data_parallel_mesh(self) -> Any:
+        """The device mesh to shard over under ``ModelParallelStrategy``; None otherwise."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return None
+        tp, dp = mesh["tensor_parallel"].size(), mesh["data_parallel"].size()
+        if tp > 1:
+            raise ValueError(
+                f"trainer.strategy.init_args.tensor_parallel_size={tp}: the policy is sharded with FSDP2 only "
+                f"(no tensor-parallel plan); set tensor_parallel_size 1 and data_parallel_size {tp * dp} "
+                "(trainer.devices x trainer.num_nodes)"
+            )
+        return mesh["data_parallel"]
+
+    @property
+    def sharded(self) -> bool:
+        """True when the policy is FSDP2-sharded over the ranks: exporting it is then collective."""
+        return sharding.is_sharded(self.policy)
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -243,8 +269,13 @@ class GRPOModule(pl.LightningModule):
         }
         if "prompt_ids" in batch:  # rollouts.collate_shared
             keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "group_index")
-            return shared_prompt_token_logprobs(model, *(batch[k] for k in keys), **options)
-        return sequence_token_logprobs(model, batch["input_ids"], batch["attention_mask"], **options)
+            return self._run(model, shared_prompt_token_logprobs, *(batch[k] for k in keys), **options)
+        return self._run(model, sequence_token_logprobs, batch["input_ids"], batch["attention_mask"], **options)
+
+    def _run(self, model: torch.nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, *args)``, through the model's FSDP2 root when it is sharded."""
+        root = self._roots.get(id(model))
+        return fn(model, *args, **kwargs) if root is None else sharding.call(root, fn, *args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
         self._stats = {}
@@ -266,11 +297,18 @@ class GRPOModule(pl.LightningModule):
         micro = self.trainer.train_dataloader.dataset
         rollouts = micro.rollouts.rollouts
         seen: set[int] = set()
+        todo: list[int | None] = []
         for k, mb in enumerate(micro.schedule):
-            if not mb.indices or set(mb.indices) <= seen:
-                continue
-            seen.update(mb.indices)
-            batch = self.trainer.strategy.batch_to_device(micro[k], self.device)
+            if mb.indices and not set(mb.indices) <= seen:
+                seen.update(mb.indices)
+                todo.append(k)
+        if self.sharded and micro.schedule:
+            # A sharded model's forward is collective: every rank runs as many as the busiest
+            # one, the others on a micro-batch whose results they drop.
+            most = self.trainer.strategy.reduce(torch.tensor(len(todo), device=self.device), reduce_op="max")
+            todo += [None] * (int(most) - len(todo))
+        for k in todo:
+            batch = self.trainer.strategy.batch_to_device(micro[0 if k is None else k], self.device)
             mask = batch["loss_mask"].bool()
             outs = {}
             # The same autocast as training_step (bf16-mixed on CUDA), or KL and ratios would
@@ -285,7 +323,9 @@ class GRPOModule(pl.LightningModule):
             # One copy to the host per micro-batch; row-wise masking on the device would sync per row.
             mask = mask.cpu()
             outs = {key: lp.float().cpu() for key, lp in outs.items()}
-            for row, idx in enumerate(mb.indices):
+            if k is None:
+                continue
+            for row, idx in enumerate(micro.schedule[k].indices):
                 r = rollouts[idx]
                 for key, lp in outs.items():
                     # Rows of masked (untrainable) rollouts are zeros; they never enter the loss.
@@ -343,6 +383,7 @@ class GRPOModule(pl.LightningModule):
         """Clip, step (unless the loss or gradient is non-finite), schedule; returns the step's loss."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm) if params else torch.tensor(0.0)
+        grad_norm = sharding.full_norm(grad_norm)
         step_loss = torch.as_tensor(self._step_loss, device=self.device).float()
         bad_loss = (~torch.isfinite(step_loss)).float()
         if self.trainer.world_size > 1:
@@ -379,7 +420,11 @@ class GRPOModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Never replace the last good checkpoint with weights that cannot be trained on.
-        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # Sharded (a distributed checkpoint): each rank checks its slices, and all ranks agree.
+        state = {k: sharding.local(v) for k, v in checkpoint["state_dict"].items()}
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if self.sharded and self.trainer.strategy.reduce(torch.tensor(float(len(bad)), device=self.device), reduce_op="sum") > 0:
+            bad = bad or ["on another rank"]
         if bad:
             raise NonFiniteError(f"the policy has non-finite weights ({', '.join(bad[:3])}); refusing to checkpoint them")
 
@@ -418,9 +463,16 @@ class GRPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ export
 
     def save_hf(self, directory: str | Path) -> Path:
-        """Write the policy as a Hugging Face folder (safetensors) loadable by transformers and vLLM."""
+        """Write the policy as a Hugging Face folder (safetensors) loadable by transformers and vLLM.
+
+        Collective when the policy is sharded: every rank calls it, rank 0 writes."""
         assert self.policy is not None
         out = Path(directory)
+        if self.sharded:  # collective: every rank gathers, rank 0 writes
+            sharding.save_pretrained_sharded(self.policy, out, write=self.global_rank == 0)
+            if self.global_rank == 0:
+                self.tokenizer.save_pretrained(out)
+            return out
         out.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
@@ -435,8 +487,8 @@ class GRPOModule(pl.LightningModule):
         mask[0, len(prompt_ids) - 1 :] = True
         was_training = self.policy.training
         self.policy.eval()
-        logp, _ = sequence_token_logprobs(
-            self.policy, ids, torch.ones_like(ids), temperature=1.0, loss_positions=mask
+        logp, _ = self._run(
+            self.policy, sequence_token_logprobs, ids, torch.ones_like(ids), temperature=1.0, loss_positions=mask
         )
         self.policy.train(was_training)
         return logp[0, len(prompt_ids) - 1 :].tolist()

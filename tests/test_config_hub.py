@@ -38,9 +38,18 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
     if "qwen" in path.name:
         assert config.data.server.backend in ("vllm", "sglang")
-        assert config.data.server.gpu == 0
         raw = yaml.safe_load(path.read_text())
-        assert raw["trainer"]["devices"] == ([0] if "1gpu" in path.name else [1])
+        if "8gpu" in path.name:
+            # The server's GPUs and the sharded trainer's are disjoint and cover the node.
+            strategy = raw["trainer"]["strategy"]
+            assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+            devices = raw["trainer"]["devices"]
+            assert strategy["init_args"] == {"data_parallel_size": len(devices), "tensor_parallel_size": 1}
+            assert sorted(devices + config.data.server.gpu) == list(range(8))
+            assert len(config.data.server.gpu) % config.data.server.tensor_parallel_size == 0
+        else:
+            assert config.data.server.gpu == 0
+            assert raw["trainer"]["devices"] == ([0] if "1gpu" in path.name else [1])
 
 
 def test_print_config_is_complete_and_documented(capsys) -> None:

@@ -73,7 +73,14 @@ class ServerConfig:
         host: Address a launched server binds; keep 127.0.0.1 unless other machines must reach it.
         port: Port of a launched server; None picks a free one.
         device: ``auto``, ``cpu`` or ``cuda`` (built-in server only; vLLM/SGLang need a GPU).
-        gpu: GPU index the server is pinned to through CUDA_VISIBLE_DEVICES; None leaves it unset.
+        gpu: GPUs the server is pinned to through CUDA_VISIBLE_DEVICES, counted among the GPUs
+            this process sees: a list of indices, or one index (the first of
+            ``tensor_parallel_size * data_parallel_size`` consecutive GPUs); None leaves it unset.
+        tensor_parallel_size: GPUs one copy of the model is split over (vLLM
+            ``--tensor-parallel-size``, SGLang ``--tp-size``); must divide the GPU set.
+        data_parallel_size: Model copies the server runs side by side, each on
+            ``tensor_parallel_size`` GPUs (vLLM ``--data-parallel-size``, SGLang ``--dp-size``);
+            None: as many as the GPU set holds (1 without a list in ``gpu``).
         dtype: Weights dtype: ``auto``, ``float32``, ``bfloat16`` (passed to vLLM/SGLang as given).
         gpu_memory_utilization: Fraction of GPU memory vLLM (``--gpu-memory-utilization``) or
             SGLang (``--mem-fraction-static``) may take.
@@ -118,7 +125,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpu: int | None = None
+    gpu: int | list[int] | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int | None = None
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gpu_memory_utilization: float = 0.5
     max_model_len: int | None = None
@@ -188,6 +197,7 @@ def server_argv(
         argv += ["--logprobs-mode", "processed_logprobs"]
         if config.max_model_len:
             argv += ["--max-model-len", str(config.max_model_len)]
+        argv += _parallel_args(config, "--tensor-parallel-size", "--data-parallel-size")
     elif config.backend == "sglang":
         argv = [python, "-m", "sglang.launch_server", "--model-path", model, *common]
         argv += [
@@ -203,6 +213,7 @@ def server_argv(
             argv += ["--api-key", config.api_key]
         if config.deterministic:
             argv += ["--enable-deterministic-inference"]
+        argv += _parallel_args(config, "--tp-size", "--dp-size")
     else:
         raise ValueError(f"unknown backend {config.backend!r}")
     if trust_remote_code:
@@ -210,11 +221,82 @@ def server_argv(
     return argv + list(config.extra_args)
 
 
+def _parallel_args(config: ServerConfig, tp_flag: str, dp_flag: str) -> list[str]:
+    args = [tp_flag, str(config.tensor_parallel_size)] if config.tensor_parallel_size > 1 else []
+    dp = data_parallel_size(config)
+    return args + ([dp_flag, str(dp)] if dp > 1 else [])
+
+
+def data_parallel_size(config: ServerConfig) -> int:
+    """The server's model copies: ``data_parallel_size``, or as many as the GPU list holds."""
+    if config.data_parallel_size is not None:
+        return config.data_parallel_size
+    if isinstance(config.gpu, list):
+        return max(1, len(config.gpu) // config.tensor_parallel_size)
+    return 1
+
+
+def server_gpus(config: ServerConfig) -> list[int] | None:
+    """The GPU indices (among those this process sees) a launched server gets; None: not pinned."""
+    if config.gpu is None:
+        return None
+    if isinstance(config.gpu, list):
+        return list(config.gpu)
+    return list(range(config.gpu, config.gpu + config.tensor_parallel_size * data_parallel_size(config)))
+
+
+def check_parallel(config: ServerConfig) -> None:
+    """One-line errors for GPU sets and parallel sizes that cannot work, before anything starts."""
+    tp, dp = config.tensor_parallel_size, config.data_parallel_size
+    if tp < 1 or (dp is not None and dp < 1):
+        raise ValueError(
+            f"data.server.tensor_parallel_size={tp} and data.server.data_parallel_size={dp} must be at least 1"
+        )
+    if (tp > 1 or data_parallel_size(config) > 1) and config.backend == "builtin" and not config.urls:
+        raise ValueError(
+            f"data.server.tensor_parallel_size={tp} / data.server.data_parallel_size={dp}: "
+            f"data.server.backend=builtin runs one model on one device; use vllm or sglang"
+        )
+    if isinstance(config.gpu, list):
+        if not config.gpu or len(set(config.gpu)) != len(config.gpu) or min(config.gpu) < 0:
+            raise ValueError(f"data.server.gpu={config.gpu} must list distinct GPU indices")
+        if len(config.gpu) % tp:
+            raise ValueError(
+                f"data.server.tensor_parallel_size={tp} does not divide the {len(config.gpu)} GPUs "
+                f"of data.server.gpu={config.gpu}"
+            )
+        if dp is not None and tp * dp != len(config.gpu):
+            raise ValueError(
+                f"data.server.tensor_parallel_size={tp} x data.server.data_parallel_size={dp} = {tp * dp} GPUs, "
+                f"but data.server.gpu={config.gpu} lists {len(config.gpu)}"
+            )
+    elif config.gpu is not None and config.gpu < 0:
+        raise ValueError(f"data.server.gpu={config.gpu} must be a GPU index (0 or more)")
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` when set, else the machine's."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible:
+        return len(visible)
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def server_env(config: ServerConfig) -> dict[str, str]:
     """Environment additions for the server process."""
     env: dict[str, str] = {}
-    if config.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(config.gpu)
+    gpus = server_gpus(config)
+    if gpus is not None:
+        check_parallel(config)
+        count = visible_gpu_count()
+        if max(gpus) >= count:
+            raise ValueError(
+                f"data.server.gpu={config.gpu} with data.server.tensor_parallel_size={config.tensor_parallel_size} "
+                f"asks for GPUs {gpus}, but only {count} exist here"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu(i) for i in gpus)
     if config.backend in KEY_ENV and config.api_key:
         env[KEY_ENV[config.backend]] = config.api_key  # kept off the command line (ps)
     if config.backend == "vllm" and config.sync in ("auto", "reload"):
