@@ -14,6 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from grpo_lightning.inference.client import GenerationRequest, SamplingParams
+
+PROMPT = [9707, 11, 1879, 374]
+
+
+def request(**params) -> GenerationRequest:
+    """Three completions of ``PROMPT``, seeds 11, 12, 13, at most 5 tokens; ``params`` override."""
+    return GenerationRequest(prompt_ids=PROMPT, n=3, seed=11, params=SamplingParams(**{"max_tokens": 5, **params}))
+
 
 def require(package: str) -> None:
     """Skip the calling test module unless ``package`` is installed (fail under CI)."""

@@ -11,7 +11,7 @@ import importlib.util
 import sys
 
 import pytest
-from contracts import require
+from contracts import PROMPT, request, require
 
 require("sglang")
 
@@ -42,12 +42,7 @@ from grpo_lightning.inference.client import SamplingParams as OurSampling  # noq
 from grpo_lightning.inference.launch import ServerConfig, server_argv  # noqa: E402
 from grpo_lightning.inference.weight_sync import sync_weights  # noqa: E402
 
-PROMPT = [9707, 11, 1879, 374]
 VOCAB = 151936
-
-
-def request(**params) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=PROMPT, n=3, seed=11, params=OurSampling(**{"max_tokens": 5, **params}))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import json
 import sys
 
 import pytest
-from contracts import method_parameters, require, undeclared_keys
+from contracts import PROMPT, method_parameters, request, require, undeclared_keys
 
 require("vllm")
 
@@ -46,6 +46,7 @@ from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX  # noq
 from vllm.outputs import WeightVersionSpan  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+from vllm.v1.engine import FINISH_REASON_STRINGS  # noqa: E402
 
 from grpo_lightning.inference.client import (  # noqa: E402
     GenerationRequest,
@@ -65,12 +66,6 @@ from grpo_lightning.inference.weight_sync import (  # noqa: E402
     WeightSyncError,
     sync_weights,
 )
-
-PROMPT = [9707, 11, 1879, 374]
-
-
-def request(**params) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=PROMPT, n=3, seed=11, params=OurSampling(**{"max_tokens": 5, **params}))
 
 
 def to_sampling(body: dict) -> SamplingParams:
@@ -111,6 +106,8 @@ def test_recorded_answers_are_shapes_vllm_sends():
     # The client test's answer (recorded from an older vLLM): valid, and nothing in it unknown.
     CompletionResponse.model_validate(VLLM_ANSWER)
     assert undeclared_keys(VLLM_ANSWER, CompletionResponse) == set()
+    # The finish reasons the client tells apart (stop/length; abort is retried).
+    assert {"stop", "length", "abort"} <= set(FINISH_REASON_STRINGS)
 
 
 def test_what_vllm_serializes_is_what_the_client_reads():
