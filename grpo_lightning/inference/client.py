@@ -114,6 +114,9 @@ class RolloutClient:
         tokenizer: decodes ``token_ids`` when a server returns no text.
         transport: an ``httpx`` transport to use instead of the network (tests, proxies).
         max_backoff: the longest pause between two attempts.
+        adapter: a LoRA adapter loaded on the servers to sample from instead of the base model:
+            sent as ``model`` to OpenAI-style backends and as ``lora_path`` to SGLang (which
+            takes the adapter's name there).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class RolloutClient:
         tokenizer=None,
         transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
         max_backoff: float = 30.0,
+        adapter: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -147,6 +151,7 @@ class RolloutClient:
         self.max_backoff = max_backoff
         self.tokenizer = tokenizer
         self.transport = transport
+        self.adapter = adapter
         self._models: dict[str, str] = {}
         self._next_url = itertools.count()
 
@@ -266,9 +271,13 @@ class RolloutClient:
 
     async def _call(self, http, url: str, req: GenerationRequest) -> list[Completion]:
         if self.backend == "sglang":
-            body = await self._post(http, url, "/generate", sglang_payload(req))
+            payload = sglang_payload(req)
+            if self.adapter is not None:
+                # GenerateReqInput.lora_path (sglang/srt/managers/io_struct.py) names a loaded adapter.
+                payload["lora_path"] = self.adapter
+            body = await self._post(http, url, "/generate", payload)
             return parse_sglang(body, req, self.tokenizer)
-        model = self.model or await self._served_model(http, url)
+        model = self.adapter or self.model or await self._served_model(http, url)
         body = await self._post(http, url, "/v1/completions", openai_payload(req, model))
         return parse_openai(body, req, self.tokenizer)
 
