@@ -112,9 +112,11 @@ def apply_lora(model: torch.nn.Module, lora: LoraArgs) -> torch.nn.Module:
 
 
 def frozen_keys(module: torch.nn.Module) -> list[str]:
-    """State-dict keys of ``module``'s frozen parameters: the base weights a LoRA checkpoint
+    """State-dict keys of everything but ``module``'s trainable parameters: the base weights a LoRA checkpoint
     leaves out (they are the base model's, re-read from it on resume)."""
-    return [n for n, p in module.named_parameters() if not p.requires_grad]
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    # From the state dict, not named_parameters(): that lists a tied weight (lm_head) only once.
+    return [k for k in module.state_dict() if k not in trainable]
 
 
 @contextlib.contextmanager
@@ -153,20 +155,20 @@ def adapter_rank(folder: str | Path) -> int:
 
 def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """``alpha / r`` and, per base weight name, the adapter's ``(A, B)``."""
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    # adapter_config.json read directly: importing PEFT would cost the server seconds at its first adapter.
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     unsupported = {
-        "use_dora": config.use_dora,
-        "use_rslora": config.use_rslora,
-        "fan_in_fan_out": config.fan_in_fan_out,
-        "rank_pattern": bool(config.rank_pattern),
-        "alpha_pattern": bool(config.alpha_pattern),
-        "bias": config.bias != "none",
+        "use_dora": config.get("use_dora", False),
+        "use_rslora": config.get("use_rslora", False),
+        "fan_in_fan_out": config.get("fan_in_fan_out", False),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "bias": config.get("bias", "none") != "none",
     }
-    if any(unsupported.values()):
-        raise ValueError(f"adapter options not supported here: {[k for k, v in unsupported.items() if v]}")
+    if config.get("peft_type", "LORA") != "LORA" or any(unsupported.values()):
+        raise ValueError(f"adapter options not supported here: {[k for k, v in unsupported.items() if v] or config.get('peft_type')}")
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS), device="cpu")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -177,7 +179,7 @@ def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[
         pairs.setdefault(base, {})[part[0]] = t
     if any(len(p) != 2 for p in pairs.values()):
         raise ValueError(f"adapter {adapter_dir} has an A without a B (or the reverse)")
-    return config.lora_alpha / config.r, {k: (p["A"], p["B"]) for k, p in pairs.items()}
+    return config["lora_alpha"] / config["r"], {k: (p["A"], p["B"]) for k, p in pairs.items()}
 
 
 def merged_tensors(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
