@@ -113,7 +113,8 @@ class GRPOCLI(LightningCLI):
         parser.add_lightning_class_args(WeightSyncCallback, "weight_sync")
         # One source of truth for values both halves need.
         for key in ("model_name_or_path", "trust_remote_code", "num_iterations", "steps_per_iteration",
-                    "micro_batch_size", "max_tokens_per_micro_batch", "share_prompts"):
+                    "micro_batch_size", "max_tokens_per_micro_batch", "share_prompts",
+                    "lora.enabled", "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.link_arguments("data.temperature", "model.temperature")
         parser.link_arguments("data.max_tokens", "model.max_completion_length")
@@ -128,7 +129,7 @@ class GRPOCLI(LightningCLI):
         trainer = self.trainer
         if ckpt_path:  # otherwise the server loads the config's model itself: nothing to load here
             model.configure_model(reference=False)
-            model.load_state_dict(checkpoint_state_dict(ckpt_path, model, trainer))
+            model.load_state_dict(checkpoint_state_dict(ckpt_path, model, trainer), strict=model.strict_loading)
         datamodule.trainer = trainer
         datamodule.setup("validate")
         try:

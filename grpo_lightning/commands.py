@@ -12,6 +12,7 @@ EXTRA_SUBCOMMANDS = {
     "serve": ("grpo_lightning.inference.server", "built-in OpenAI-compatible inference server"),
     "sweep": ("grpo_lightning.sweep", "grid or random hyperparameter sweeps of fit runs"),
     "plot": ("grpo_lightning.plot", "learning curves of run directories"),
+    "export": ("grpo_lightning.lora", "merge a LoRA checkpoint's adapter into its base model"),
 }
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from .envs import Environment, make_env
 from .inference.client import RetriesExhausted, RolloutClient, SamplingParams, ServerUnavailable
 from .inference.launch import ManagedServer, ServerConfig, check_parallel
+from .lora import LoraArgs
 from .metrics import all_equal, group_summary, zero_std_fraction
 from .models import load_tokenizer, stop_token_ids
 from .rollouts import (
@@ -93,6 +94,7 @@ class RolloutDataModule(pl.LightningDataModule):
         max_tokens_per_micro_batch: int | None = None,
         share_prompts: bool = True,
         seed: int = 0,
+        lora: LoraArgs = LoraArgs(),
     ) -> None:
         """
         Args:
@@ -132,6 +134,7 @@ class RolloutDataModule(pl.LightningDataModule):
             max_tokens_per_micro_batch: linked from ``model.max_tokens_per_micro_batch``.
             share_prompts: linked from ``model.share_prompts``.
             seed: linked from ``seed_everything``: base of every sampling seed.
+            lora: linked from ``model.lora``: a launched server is started to take adapters.
         """
         super().__init__()
         self.env_name = env
@@ -160,6 +163,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.share_prompts = share_prompts
         self.seed = seed
+        self.lora = LoraArgs(**lora) if isinstance(lora, dict) else lora
         self._validate()
         self.make_env()  # unknown environment names and options fail here, before any model loads
 
@@ -197,6 +201,11 @@ class RolloutDataModule(pl.LightningDataModule):
             values = ", ".join(f"data.{k}={self._value(k)!r}" for k in bad)
             raise ValueError(f"invalid data config: {values} (see --print_config for the allowed values)")
         check_parallel(self.server_config)
+        if self.lora.enabled and self.server_config.sync != "auto":
+            raise ValueError(
+                f"data.server.sync={self.server_config.sync!r} cannot send a LoRA adapter (model.lora.enabled=true): "
+                "adapters go through each server's adapter-loading route; set data.server.sync auto"
+            )
         if self.rollouts_per_problem * self.problems_per_iteration < self.steps_per_iteration:
             raise ValueError(
                 f"data.problems_per_iteration * data.rollouts_per_problem "
@@ -243,6 +252,7 @@ class RolloutDataModule(pl.LightningDataModule):
             # Outside a run (tests, scripts) ManagedServer picks a temporary file.
             log_path=self.run_dir / "server.log" if self.run_dir else None,
             trust_remote_code=self.trust_remote_code,
+            lora=(self.lora.rank, list(self.lora.target_modules)) if self.lora.enabled else None,
         )
         self.server.start()
         self.client = self.server.client(tokenizer=self.tokenizer)
@@ -271,6 +281,8 @@ class RolloutDataModule(pl.LightningDataModule):
     def generator(self, temperature: float | None = None) -> RolloutGenerator:
         if self.client is None:
             raise RuntimeError("the inference server is not running on this rank (call setup first)")
+        if self.server is not None and self.server.adapter is not None:
+            self.client.adapter = self.server.adapter[0]  # the policy's newest LoRA adapter
         return RolloutGenerator(self.client, self.tokenizer, self.make_env, self.sampling_params(temperature))
 
     def iteration_seeds(self, iteration: int) -> list[int]:

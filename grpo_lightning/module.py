@@ -8,7 +8,9 @@ loss normalisation exact under any micro-batching and lets a non-finite step be 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from . import sharding
 from .logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
+from .lora import LoraArgs, adapters_off, apply_lora, check_args, frozen_keys
 from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
 from .models import load_policy, load_tokenizer
 
@@ -67,6 +70,7 @@ class GRPOModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 3,
         temperature: float = 1.0,
         max_completion_length: int = 512,
+        lora: LoraArgs = LoraArgs(),
     ) -> None:
         """
         Args:
@@ -126,9 +130,15 @@ class GRPOModule(pl.LightningModule):
             temperature: linked from ``data.temperature``: log-probabilities are those of the
                 sampling distribution at this temperature.
             max_completion_length: linked from ``data.max_tokens`` (Dr. GRPO's normaliser).
+            lora: train low-rank adapters instead of every weight (see ``lora.LoraArgs``).
         """
         super().__init__()
+        self.lora = LoraArgs(**lora) if isinstance(lora, dict) else lora
         self.save_hyperparameters()
+        # Plain values in checkpoints: they are read back with weights_only=True.
+        self.hparams["lora"] = dataclasses.asdict(self.lora)
+        # A LoRA checkpoint holds the adapter, not the frozen base weights (``on_save_checkpoint``).
+        self.strict_loading = not self.lora.enabled
         self._validate()
         self.automatic_optimization = False
         self.loss_config = LossConfig(
@@ -184,6 +194,8 @@ class GRPOModule(pl.LightningModule):
                 "model.share_prompts=true needs the key/value cache that model.gradient_checkpointing=true "
                 "drops: set model.share_prompts false to use gradient checkpointing"
             )
+        if self.lora.enabled:
+            check_args(self.lora)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"model.{k}={h[k]!r}" for k in bad)
@@ -192,13 +204,16 @@ class GRPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ models
 
     def configure_model(self, reference: bool = True) -> None:
-        """Load the policy, and the frozen reference model when ``kl_coef > 0`` and ``reference``."""
+        """Load the policy, and the frozen reference model when ``kl_coef > 0`` and ``reference``
+        (with LoRA the reference is the policy with its adapters off: nothing more is loaded)."""
         if self.policy is not None:
             return
         h = self.hparams
         mesh = self._data_parallel_mesh()
         self.policy = load_policy(h.model_name_or_path, trust_remote_code=h.trust_remote_code)
-        if reference and h.kl_coef > 0:
+        if self.lora.enabled:
+            self.policy = apply_lora(self.policy, self.lora)
+        elif reference and h.kl_coef > 0:
             # The initial policy, copied before anything changes it (no second read from disk).
             ref = copy.deepcopy(self.policy)
             ref.requires_grad_(False).eval()
@@ -207,6 +222,9 @@ class GRPOModule(pl.LightningModule):
         self.policy.train()
         if h.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+            if self.lora.enabled:
+                # Frozen embeddings: without this, reentrant checkpoints pass no gradient to the adapters.
+                self.policy.enable_input_require_grads()
         if mesh is not None:
             bf16 = mesh.device_type == "cuda" and torch.cuda.is_bf16_supported()
             self._roots = {id(m): sharding.shard(m, mesh, mixed_precision=bf16) for m in [self.policy, *self._ref]}
@@ -234,6 +252,17 @@ class GRPOModule(pl.LightningModule):
     @property
     def ref_model(self) -> torch.nn.Module | None:
         return self._ref[0] if self._ref else None
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference log-probabilities enter the loss (a KL term with a reference)."""
+        return self.ref_model is not None or (self.lora.enabled and self.hparams.kl_coef > 0 and self.policy is not None)
+
+    def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The reference policy: the frozen copy, or with LoRA the policy with its adapters off."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model)
+        return adapters_off(self.policy)
 
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
@@ -288,7 +317,7 @@ class GRPOModule(pl.LightningModule):
         """Reference and old-policy log-probabilities, once per iteration (before any step), for
         every rollout this rank trains on in any pass (passes deal rollouts to ranks afresh)."""
         h = self.hparams
-        need_ref = self.ref_model is not None
+        need_ref = self.has_reference
         # With a single optimizer step per iteration the old policy is the current one:
         # training_step uses its own detached log-probabilities, no extra forward pass.
         need_old = h.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
@@ -315,7 +344,8 @@ class GRPOModule(pl.LightningModule):
             # start away from 0 and 1 by the precision gap alone.
             with self.trainer.precision_plugin.forward_context():
                 if need_ref:
-                    outs["ref_logprobs"] = self.logprobs(self.ref_model, batch, with_entropy=False)[0]
+                    with self.reference() as ref:
+                        outs["ref_logprobs"] = self.logprobs(ref, batch, with_entropy=False)[0]
                 if need_old:
                     self.policy.eval()
                     outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
@@ -358,7 +388,7 @@ class GRPOModule(pl.LightningModule):
             self.loss_config,
             Normalizer(**batch["normalizer"]),
             old_logp=self._fixed_logprobs(batch, "old_logprobs", logp) if self.hparams.tis_cap is not None else None,
-            ref_logp=self._fixed_logprobs(batch, "ref_logprobs", logp) if self.ref_model is not None else None,
+            ref_logp=self._fixed_logprobs(batch, "ref_logprobs", logp) if self.has_reference else None,
             entropy=entropy,
         )
         loss = out.loss
@@ -427,6 +457,18 @@ class GRPOModule(pl.LightningModule):
             bad = bad or ["on another rank"]
         if bad:
             raise NonFiniteError(f"the policy has non-finite weights ({', '.join(bad[:3])}); refusing to checkpoint them")
+        if self.lora.enabled:
+            for key in frozen_keys(self):
+                checkpoint["state_dict"].pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora.enabled:
+            # Loading is not strict (the frozen base is not in the file): every adapter must be.
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint has no weights for {len(missing)} adapter tensors ({missing[0]}, ...): "
+                                 "was it written with the same model.lora settings?")
 
     def iteration_summary(self) -> dict[str, float]:
         """This iteration's training metrics, combined over micro-batches and ranks.

@@ -120,6 +120,9 @@ class RolloutClient:
         max_backoff: the longest pause between two attempts.
         return_weight_versions: vLLM only: ask for the weight version that sampled each
             completion (SGLang always reports it).
+        adapter: a LoRA adapter loaded on the servers to sample from instead of the base model:
+            sent as ``model`` to OpenAI-style backends and as ``lora_path`` to SGLang (which
+            takes the adapter's name there).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class RolloutClient:
         transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
         max_backoff: float = 30.0,
         return_weight_versions: bool = False,
+        adapter: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -155,6 +159,7 @@ class RolloutClient:
         self.tokenizer = tokenizer
         self.transport = transport
         self.return_weight_versions = return_weight_versions and backend == "vllm"
+        self.adapter = adapter
         self._models: dict[str, str] = {}
         self._next_url = itertools.count()
 
@@ -274,9 +279,13 @@ class RolloutClient:
 
     async def _call(self, http, url: str, req: GenerationRequest) -> list[Completion]:
         if self.backend == "sglang":
-            body = await self._post(http, url, "/generate", sglang_payload(req))
+            payload = sglang_payload(req)
+            if self.adapter is not None:
+                # GenerateReqInput.lora_path (sglang/srt/managers/io_struct.py) names a loaded adapter.
+                payload["lora_path"] = self.adapter
+            body = await self._post(http, url, "/generate", payload)
             return parse_sglang(body, req, self.tokenizer)
-        model = self.model or await self._served_model(http, url)
+        model = self.adapter or self.model or await self._served_model(http, url)
         payload = openai_payload(req, model)
         if self.return_weight_versions:
             payload["return_weight_versions"] = True

@@ -275,8 +275,9 @@ class GenerationEngine:
             self._cv.notify()
         await done
 
-    def check_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Raise ValueError unless ``tensors`` fit the served model (names, shapes)."""
+    def check_weights(self, tensors: dict[str, torch.Tensor], partial: bool = False) -> None:
+        """Raise ValueError unless ``tensors`` fit the served model (names, shapes); with
+        ``partial`` they may replace only some of its weights (a merged LoRA adapter)."""
         params = self.model.state_dict()
         unexpected = sorted(set(tensors) - set(params))
         if unexpected:
@@ -292,7 +293,7 @@ class GenerationEngine:
         # Tied parameters (lm_head = embeddings) are stored once; anything else missing is an error.
         given = {params[name].data_ptr() for name in tensors}
         missing = sorted(n for n in set(params) - set(tensors) if params[n].data_ptr() not in given)
-        if missing:
+        if missing and not partial:
             raise ValueError(
                 f"weights do not match the served model: missing tensors {missing[:5]}"
             )

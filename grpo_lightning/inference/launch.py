@@ -284,6 +284,34 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+# vllm/config/lora.py, ``MaxLoRARanks``: the only values ``--max-lora-rank`` accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_server_argv(backend: str, rank: int, target_modules: list[str]) -> list[str]:
+    """Launch flags that let a server take LoRA adapters of ``rank`` at run time (added to
+    ``server_argv``'s command by ``ManagedServer``; the built-in server always takes them).
+
+    Two adapters at once: the trainer loads the new one before dropping the old one, so a
+    sync never leaves the server without the policy's adapter.
+    """
+    if backend == "vllm":
+        cap = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+        if cap is None:
+            raise ValueError(f"model.lora.rank={rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+        return ["--enable-lora", "--max-lora-rank", str(cap), "--max-loras", "2"]
+    if backend == "sglang":
+        return ["--enable-lora", "--max-lora-rank", str(rank), "--lora-target-modules", *target_modules,
+                "--max-loras-per-batch", "2"]
+    return []
+
+
+def lora_server_env(backend: str) -> dict[str, str]:
+    """vLLM only mounts ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` with this set
+    (vllm/entrypoints/serve/lora/api_router.py, ``attach_router``)."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if backend == "vllm" else {}
+
+
 def server_env(config: ServerConfig) -> dict[str, str]:
     """Environment additions for the server process."""
     env: dict[str, str] = {}
@@ -363,7 +391,10 @@ class ManagedServer:
         model: str | None = None,
         log_path: str | Path | None = None,
         trust_remote_code: bool = False,
+        lora: tuple[int, list[str]] | None = None,
     ) -> None:
+        """``lora``: (rank, target modules) of the adapters the trainer will send, which a
+        launched server must be started to accept; None for full-weight training."""
         inherited = os.environ.get(KEY_ENV.get(config.backend, ""), "")
         if not config.urls and config.api_key is None and inherited:
             # The launched server inherits our environment and enforces that key: send it too.
@@ -400,6 +431,10 @@ class ManagedServer:
         """The folder ``sync_weights`` last pushed: what ``recover`` restarts on."""
         self.recoveries = 0
         """Restarts after a crash, a hang or a failed in-place weight update (``recover``)."""
+        self.lora = lora
+        self.adapter: tuple[str, str] | None = None
+        """(name, folder) of the LoRA adapter last loaded by ``weight_sync.sync_adapter``:
+        requests name it, and a restarted server gets it loaded again."""
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -429,6 +464,7 @@ class ManagedServer:
     def client(self, tokenizer=None, **overrides) -> RolloutClient:
         """A ``RolloutClient`` for these servers, with this config's timeouts and retries."""
         kwargs = dict(
+            adapter=self.adapter[0] if self.adapter is not None else None,
             backend=self.config.backend,
             model=self.served_model_name,
             api_key=self.config.api_key,
@@ -449,10 +485,23 @@ class ManagedServer:
         try:
             self._wait_healthy()
             self._warm_up()
+            if self.managed and self.adapter is not None:
+                self._reload_adapter()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _reload_adapter(self) -> None:
+        # A restarted process has lost its adapters: it must serve the policy again, not the base.
+        from .weight_sync import WeightSyncError, load_adapter
+
+        assert self.adapter is not None
+        name, folder = self.adapter
+        try:
+            load_adapter(self, folder, name)
+        except WeightSyncError as exc:
+            raise ServerUnavailable(f"the restarted server did not take the adapter {folder}: {exc}") from exc
 
     def stop(self) -> None:
         """Stop a launched server and everything in its process group; no-op when attached."""
@@ -507,7 +556,11 @@ class ManagedServer:
         argv = server_argv(
             self.config, self.model, self.port, self.served_model_name, self.trust_remote_code
         )
+        if self.lora is not None:
+            argv += lora_server_argv(self.config.backend, *self.lora)
         env = {**os.environ, **server_env(self.config)}
+        if self.lora is not None:
+            env.update(lora_server_env(self.config.backend))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         shown = " ".join("***" if a == self.config.api_key else a for a in argv)
@@ -560,7 +613,7 @@ class ManagedServer:
             prompt_ids=[0], n=1, seed=0, params=SamplingParams(max_tokens=1)
         )
         try:
-            self.client(max_retries=2, backoff=0.2).generate([request])
+            self.client(max_retries=2, backoff=0.2, adapter=None).generate([request])
         except Exception as exc:  # reported as one line with the log's tail
             raise ServerUnavailable(
                 f"{self.config.backend} server at {self.urls[0]} cannot generate: {exc}; {self._log_tail()}"

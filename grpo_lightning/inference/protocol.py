@@ -63,6 +63,24 @@ class UpdateWeightsRequest(BaseModel):
     model_path: Annotated[str, Field(min_length=1)]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """Body of ``POST /v1/load_lora_adapter`` (vLLM's route and fields,
+    vllm/entrypoints/serve/lora/protocol.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: Annotated[str, Field(min_length=1)]
+    lora_path: Annotated[str, Field(min_length=1)]
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """Body of ``POST /v1/unload_lora_adapter`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: Annotated[str, Field(min_length=1)]
+
+
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",

@@ -14,6 +14,11 @@ Routes:
 * ``POST /update_weights_from_disk {"model_path": ...}`` - SGLang's route and answer; returns
   once the new weights serve. ``GET /get_model_info`` reports the served weights' checksum
   (see ``weights.folder_checksum``) and version.
+* ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and ``POST /v1/unload_lora_adapter
+  {"lora_name"}`` - vLLM's routes for a PEFT adapter folder. One adapter at a time: it is merged
+  into the base weights (``lora.merged_tensors``; a new adapter replaces the previous one, and
+  the base weights are kept on disk to merge it into), requests then name it as their ``model``
+  and the checksum is that of the merged weights.
 
 Every malformed or out-of-range request gets a 4xx with a message; the server binds
 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``GRPO_LIGHTNING_API_KEY``) every
@@ -42,7 +47,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from .protocol import CompletionRequest, SamplingOptions, UpdateWeightsRequest, error_body
+from .protocol import (
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    SamplingOptions,
+    UnloadLoRAAdapterRequest,
+    UpdateWeightsRequest,
+    error_body,
+)
 
 if TYPE_CHECKING:
     # torch loads lazily: a bad command line fails in a second, not after the torch import.
@@ -221,6 +233,11 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
     app = FastAPI(title="grpo-lightning inference server", docs_url=None, redoc_url=None)
     piece = _TokenPieces(tokenizer)
     update_lock = asyncio.Lock()
+    adapter: dict = {"name": None, "keys": set(), "base": engine.model_path}
+    """The merged adapter's name, the weights it changed, and the folder of the base weights."""
+
+    def served_name() -> str:
+        return adapter["name"] or limits.served_model_name
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -248,7 +265,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             "object": "list",
             "data": [
                 {
-                    "id": limits.served_model_name,
+                    "id": served_name(),
                     "object": "model",
                     "created": 0,
                     "owned_by": "grpo-lightning",
@@ -267,6 +284,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             "is_generation": True,
             "checksum": engine.checksum,
             "weights_version": engine.weights_version,
+            "lora_adapter": adapter["name"],
             "dtype": str(engine.dtype).removeprefix("torch."),
             "device": str(engine.device),
             "max_model_len": limits.max_model_len,
@@ -281,10 +299,10 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             req = CompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise ApiError(400, _describe(exc)) from None
-        if req.model is not None and req.model != limits.served_model_name:
+        if req.model is not None and req.model != served_name():
             raise ApiError(
                 404,
-                f"the model `{req.model}` does not exist; this server serves `{limits.served_model_name}`",
+                f"the model `{req.model}` does not exist; this server serves `{served_name()}`",
             )
         if req.stream:
             raise ApiError(400, "stream=true is not supported by this server")
@@ -352,6 +370,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
                 await engine.swap_weights(tensors, checksum, path)
             except RuntimeError as exc:
                 raise ApiError(503, str(exc)) from exc
+            adapter.update(name=None, keys=set(), base=path)
             seconds = time.perf_counter() - start
         log.info("serving weights from %s (checksum %s) after %.2fs", path, checksum, seconds)
         return JSONResponse(
@@ -365,6 +384,65 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
                 "seconds": seconds,
             }
         )
+
+    async def set_adapter(name: str | None, path: str | None) -> str:
+        """Serve the base weights with the adapter at ``path`` merged (None: the base alone);
+        returns the served weights' checksum."""
+        from ..lora import merged_tensors
+        from .weights import checkpoint_keys, load_checkpoint, state_dict_checksum
+
+        base = adapter["base"]
+        merged = await asyncio.to_thread(merged_tensors, base, path, engine.dtype) if path else {}
+        engine.check_weights(merged, partial=True)
+        stale = adapter["keys"] - set(merged)
+        if stale:  # weights the previous adapter changed and this one does not: back to the base
+            restored = await asyncio.to_thread(load_checkpoint, base, engine.dtype)
+            merged = {**{k: restored[k] for k in stale}, **merged}
+        await engine.swap_weights(merged, engine.checksum, engine.model_path)
+        adapter.update(name=name, keys=set(merged) if path else set())
+        # The checksum of what is served now, read back from the model's own weights.
+        params = engine.model.state_dict()
+        keys = await asyncio.to_thread(checkpoint_keys, base)
+        engine.checksum = await asyncio.to_thread(state_dict_checksum, {k: params[k] for k in keys})
+        return engine.checksum
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        body = await _read_json(request, limits.max_request_bytes)
+        try:
+            req = LoadLoRAAdapterRequest.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, _describe(exc)) from None
+        async with update_lock:
+            start = time.perf_counter()
+            try:
+                checksum = await set_adapter(req.lora_name, req.lora_path)
+            except (OSError, ValueError) as exc:
+                raise ApiError(400, f"cannot load the LoRA adapter {req.lora_path}: {exc}") from None
+            except RuntimeError as exc:
+                raise ApiError(503, str(exc)) from exc
+        seconds = time.perf_counter() - start
+        log.info("serving adapter %s from %s (checksum %s) after %.2fs", req.lora_name, req.lora_path, checksum, seconds)
+        return JSONResponse(
+            {"success": True, "lora_name": req.lora_name, "checksum": checksum, "weights_version": engine.weights_version,
+             "seconds": seconds}
+        )
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        body = await _read_json(request, limits.max_request_bytes)
+        try:
+            req = UnloadLoRAAdapterRequest.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, _describe(exc)) from None
+        async with update_lock:
+            if req.lora_name != adapter["name"]:
+                raise ApiError(404, f"the LoRA adapter '{req.lora_name}' cannot be found")
+            try:
+                checksum = await set_adapter(None, None)
+            except RuntimeError as exc:
+                raise ApiError(503, str(exc)) from exc
+        return JSONResponse({"success": True, "lora_name": req.lora_name, "checksum": checksum})
 
     return app
 

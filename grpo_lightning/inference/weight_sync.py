@@ -13,6 +13,11 @@ Methods, fastest first:
   the sync (stale KV would otherwise keep serving the old weights). Then
   ``POST /update_weight_version {"new_version": V}`` labels the new weights. vLLM does not pause
   generation for this: sync between rollout phases, with no request in flight (the trainer does).
+* ``adapter`` (a PEFT adapter folder, from LoRA training; any backend): ``POST
+  /v1/load_lora_adapter`` (built-in, vLLM) or ``/load_lora_adapter`` (SGLang) under a name
+  derived from the adapter's weights, then the previous adapter is unloaded; requests name the
+  adapter from then on (``ManagedServer.adapter``). A managed server that refuses it is
+  restarted and given the adapter again. See ``sync_adapter``.
 * ``restart`` (any managed server): stop it and start it on DIR. Always works; costs a process
   start and a full model load (tens of seconds to minutes on a real model).
 
@@ -98,6 +103,8 @@ class SyncReport:
     verify_seconds: float = 0.0
     weight_version: str | None = None
     """The version label every server reported after the sync, when they can report one."""
+    adapter: str | None = None
+    """The name the LoRA adapter was loaded under (adapter syncs only)."""
 
 
 def sync_weights(
@@ -146,6 +153,11 @@ def sync_weights(
         raise WeightSyncError(f"no checkpoint folder at {model_dir}")
     chosen = _resolve_method(method, backend, can_restart=managed is not None and managed.managed)
     headers = auth_headers(api_key)
+    if _is_adapter(model_dir):
+        return _sync_adapter(
+            managed, urls, backend, model_dir, api_key, probe, probe_prompt_ids or DEFAULT_PROBE_PROMPT,
+            probe_tokens, tolerance, timeout, retry, transport,
+        )
 
     version = version or f"{Path(model_dir).name}-{uuid.uuid4().hex[:12]}"
     labelled: list[str] = []  # URLs whose weights now carry ``version``
@@ -393,3 +405,147 @@ def _check_logprobs(
             f"{diff:.3g} (tolerance {tolerance:g})"
         )
     return diff
+
+
+# ---------------------------------------------------------------------- LoRA adapters
+# Routes and bodies, read from each server's source:
+#   vLLM: vllm/entrypoints/serve/lora/api_router.py, request models in
+#     vllm/entrypoints/serve/lora/protocol.py: LoadLoRAAdapterRequest(lora_name, lora_path),
+#     UnloadLoRAAdapterRequest(lora_name, lora_int_id=None); answers 200 with a text body, or an
+#     ErrorResponse (400 "...has already been loaded" for a name that is loaded).
+#   SGLang: python/sglang/srt/entrypoints/http_server.py, request models in
+#     python/sglang/srt/managers/io_struct.py: LoadLoRAAdapterReqInput(lora_name, lora_path,
+#     pinned=False, lora_id=None), UnloadLoRAAdapterReqInput(lora_name, lora_id=None); answers
+#     LoRAUpdateOutput(success, error_message, loaded_adapters), 400 when not successful.
+#   built-in: vLLM's routes and bodies (inference/server.py).
+ADAPTER_ROUTES = {
+    "builtin": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
+    "vllm": ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"),
+    "sglang": ("/load_lora_adapter", "/unload_lora_adapter"),
+}
+
+
+def adapter_request(name: str, folder: str) -> dict:
+    """The load body: the same two fields in vLLM's and SGLang's request models."""
+    return {"lora_name": name, "lora_path": folder}
+
+
+def _is_adapter(folder: str) -> bool:
+    from ..lora import is_adapter_folder
+
+    return is_adapter_folder(folder)
+
+
+def _load_one(http: httpx.Client, url: str, backend: str, name: str, folder: str, retry: Retry) -> None:
+    r = _send(http, "POST", url, ADAPTER_ROUTES[backend][0], retry, adapter_request(name, folder))
+    try:
+        answer = r.json()
+    except ValueError:
+        answer = {}
+    answer = answer if isinstance(answer, dict) else {}
+    if r.status_code == 200 and answer.get("success", True):
+        return
+    message = answer.get("error_message") or answer.get("message") or (answer.get("error") or {}).get("message") or r.text
+    if r.status_code == 400 and "already" in str(message):
+        return  # names derive from the weights: a loaded name holds these very weights
+    raise WeightSyncError(f"{url} refused the LoRA adapter {folder}: HTTP {r.status_code} {' '.join(str(message).split())[:300]}")
+
+
+def _unload_one(http: httpx.Client, url: str, backend: str, name: str, retry: Retry) -> None:
+    r = _send(http, "POST", url, ADAPTER_ROUTES[backend][1], retry, {"lora_name": name})
+    if r.status_code not in (200, 404):  # 404: gone already (e.g. the server restarted)
+        warnings.warn(f"{url} did not unload the old LoRA adapter {name}: HTTP {r.status_code} {r.text[:200]}", stacklevel=3)
+
+
+def load_adapter(server: ManagedServer, folder: str, name: str) -> None:
+    """Load the adapter in ``folder`` as ``name`` on every server (no verification)."""
+    cfg = server.config
+    retry = Retry(cfg.max_retries, cfg.backoff)
+    with httpx.Client(timeout=cfg.request_timeout, headers=auth_headers(cfg.api_key)) as http:
+        for url in server.urls:
+            _load_one(http, url, cfg.backend, name, folder, retry)
+
+
+def _sync_adapter(
+    managed: ManagedServer | None,
+    urls: list[str],
+    backend: str,
+    folder: str,
+    api_key: str | None,
+    probe: Probe | None,
+    prompt: list[int],
+    probe_tokens: int,
+    tolerance: float,
+    timeout: float,
+    retry: Retry,
+    transport: httpx.BaseTransport | None,
+) -> SyncReport:
+    """Serve the LoRA adapter in ``folder`` (``sync_weights`` of an adapter folder), verified by
+    the built-in server's checksum of the merged weights or by the probe."""
+    from ..lora import adapter_name
+
+    name = adapter_name(folder)
+    previous = managed.adapter if managed is not None else None
+    ours = managed is not None and managed.managed
+    method = "adapter"
+    start = time.perf_counter()
+    with httpx.Client(timeout=timeout, headers=auth_headers(api_key), transport=transport) as http:
+        if ours and managed.exit_code is not None:
+            warnings.warn(f"the server process exited (code {managed.exit_code}); restarting it", stacklevel=3)
+            method = "restart"
+        else:
+            try:
+                for url in urls:
+                    _load_one(http, url, backend, name, folder, retry)
+            except ServerUnreachable:
+                raise
+            except WeightSyncError as exc:
+                if not ours:
+                    raise
+                warnings.warn(f"{exc}; restarting the server instead", stacklevel=3)
+                method = "restart"
+        if managed is not None:
+            managed.adapter = (name, folder)
+        if method == "restart":
+            _restart(managed, None, recover=True)  # on the base model; start() loads the adapter
+        elif previous is not None and previous[0] != name and backend != "builtin":
+            # The built-in server holds one adapter, which the new one replaced.
+            for url in urls:
+                _unload_one(http, url, backend, previous[0], retry)
+        report = SyncReport(seconds=time.perf_counter() - start, method=method, verified=False, adapter=name)
+        verify_start = time.perf_counter()
+        if backend == "builtin":
+            report.checksum = _check_adapter_checksum(http, urls, folder, name, retry)
+            report.verified = True
+    if probe is not None:
+        clients = [RolloutClient([u], backend=backend, api_key=api_key, max_retries=2, transport=transport, adapter=name)
+                   for u in urls]
+        report.max_logprob_diff = max(
+            _check_logprobs(c.urls[0], _probe_completion(c, prompt, probe_tokens), probe, prompt, tolerance)
+            for c in clients
+        )
+        report.verified = True
+    report.verify_seconds = time.perf_counter() - verify_start
+    return report
+
+
+def _check_adapter_checksum(http: httpx.Client, urls: list[str], folder: str, name: str, retry: Retry) -> str:
+    from ..lora import adapter_base, merged_checksum
+    from ..models import resolve_model_path
+
+    base = resolve_model_path(adapter_base(folder))
+    expected: dict[str, str] = {}
+    served = ""
+    for url in urls:
+        try:
+            info = _send(http, "GET", url, "/get_model_info", retry).json()
+        except ValueError as exc:
+            raise WeightSyncError(f"{url}/get_model_info failed: {exc}") from None
+        dtype, served = info["dtype"], info["checksum"]
+        if info.get("lora_adapter") != name:
+            raise WeightSyncError(f"{url} serves the adapter {info.get('lora_adapter')!r}, not {name!r} ({folder})")
+        if dtype not in expected:
+            expected[dtype] = merged_checksum(base, folder, dtype)
+        if served != expected[dtype]:
+            raise WeightSyncError(f"{url} serves weights with checksum {served}, but {base} with {folder} merged has {expected[dtype]}")
+    return served
