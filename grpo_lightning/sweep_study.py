@@ -324,6 +324,11 @@ def status_of(t: FrozenTrial) -> str:
             TrialState.WAITING: "pending"}[t.state]
 
 
+def params_of(t: FrozenTrial) -> dict[str, Any]:
+    """A trial's parameters; a queued (waiting) trial has them only as its fixed parameters."""
+    return t.params or t.system_attrs.get("fixed_params", {})
+
+
 def recover(study: optuna.Study, sweep_dir: Path) -> list[int]:
     """Before a worker asks for its first trial: fail the running trials of workers on this
     host that died (they cannot be told any more), and queue one retry of each failed or
@@ -334,7 +339,7 @@ def recover(study: optuna.Study, sweep_dir: Path) -> list[int]:
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    covered = {combo_id(t.params) for t in trials if t.state != TrialState.FAIL}
+    covered = {combo_id(params_of(t)) for t in trials if t.state != TrialState.FAIL}
     queued = []
     for t in trials:
         if t.state != TrialState.FAIL or t.number in retried or combo_id(t.params) in covered or not t.params:
