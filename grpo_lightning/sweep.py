@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             error, parsed = validate(base_args, point, worker.dir, per_run)
             if error:
                 rejected.setdefault(error, []).append(point)
-            config = config or parsed
+            if config is None:
+                config = parsed
         if rejected:
             for error, points in rejected.items():
                 which = worker.describe(points[0]) + (f" and {len(points) - 1} more" if len(points) > 1 else "")
