@@ -447,7 +447,11 @@ def test_update_weights_from_disk_swaps_weights_between_sequences(
                     ),
                 )
             )
-            await asyncio.sleep(0.02)
+            # The next request must arrive while the swap waits (loading the folder takes a
+            # while on a loaded machine): poll for it instead of guessing a delay.
+            while not (await http.get("/get_model_info")).json()["swap_pending"]:
+                assert not update.done(), "the update finished while the long request was still running"
+                await asyncio.sleep(0.005)
             queued = asyncio.create_task(
                 timed("queued", http.post("/v1/completions", json=after_body))
             )

@@ -260,6 +260,11 @@ class GenerationEngine:
         # A cancelled await (client gone) cancels the futures; the loop then drops those rows.
         return list(await asyncio.gather(*(s.future for s in seqs)))
 
+    @property
+    def swap_pending(self) -> bool:
+        """A weight swap waits for the running sequences to finish (new ones queue meanwhile)."""
+        return self._swap is not None
+
     async def swap_weights(
         self, tensors: dict[str, torch.Tensor], checksum: str, model_path: str
     ) -> None:

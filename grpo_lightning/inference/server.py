@@ -290,6 +290,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             "max_model_len": limits.max_model_len,
             "running": running,
             "waiting": waiting,
+            "swap_pending": engine.swap_pending,
         }
 
     @app.post("/v1/completions")
