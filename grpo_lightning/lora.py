@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
