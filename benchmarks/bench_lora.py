@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -80,14 +81,15 @@ def folder_bytes(folder: Path) -> int:
 
 def bench_sync(name: str, model: str, repeats: int, work: Path, device: str) -> list[dict]:
     rows = []
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name)
     cfg = ServerConfig(backend="builtin", device=device, dtype="float32", startup_timeout=600)
     for lora in (False, True):
         m = module_for(model, lora)
-        with ManagedServer(cfg, model=model, log_path=work / f"{name}-{lora}.log") as server:
+        with ManagedServer(cfg, model=model, log_path=work / f"{slug}-{lora}.log") as server:
             saves, pushes, verifies, sizes = [], [], [], []
             for k in range(repeats):
                 perturb(m, k)
-                folder = work / f"sync-{name}-{lora}"
+                folder = work / f"sync-{slug}-{lora}"
                 t0 = time.perf_counter()
                 m.save_hf(folder)
                 saves.append(time.perf_counter() - t0)

@@ -16,7 +16,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_there_are_configs() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"sat_tiny.yaml", "qwen2.5-1.5b_vllm.yaml", "qwen2.5-1.5b_sglang.yaml"} <= names
+    assert {"sat_tiny.yaml", "qwen2.5-1.5b_vllm.yaml", "qwen2.5-1.5b_sglang.yaml", "sat_tiny_lora.yaml",
+            "qwen2.5-7b_lora_vllm_1gpu.yaml", "qwen2.5-7b_lora_sglang_1gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -36,6 +37,8 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
     assert cli.model.hparams.max_completion_length == config.data.max_tokens
     assert cli.datamodule.seed == config.seed_everything
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
+    # The server is launched for the adapters the trainer will send.
+    assert cli.datamodule.lora == cli.model.lora and cli.model.lora.enabled == ("lora" in path.name)
     if "qwen" in path.name:
         assert config.data.server.backend in ("vllm", "sglang")
         raw = yaml.safe_load(path.read_text())

@@ -309,3 +309,34 @@ def test_export_merges_into_an_ordinary_hf_folder_with_the_adapters_logits(adapt
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     assert export_merged(adapters["q_only"], tmp_path / "m2", base=tiny_sat_path).is_dir()
 
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_exactly_from_last_ckpt(tmp_path) -> None:
+    """Two LoRA iterations with a KL term, uninterrupted, against one iteration then
+    ``--ckpt_path last``: the second iteration's metrics and the final adapters are the same."""
+    from helpers import assert_same_iteration, load
+    from test_training import TINY
+
+    config = str(ROOT / "configs" / "sat_tiny_lora.yaml")
+    extra = [*TINY, "--model.kl_coef", "0.05", "--model.num_iterations", "1", "--data.eval.num_problems", "0",
+             "--checkpoint.save_interval", "1"]
+
+    def fit(name: str, *more: str) -> Path:
+        assert main(["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                     "--trainer.logger.init_args.name", name, *extra, *more]) == 0
+        return tmp_path / name / "version_0"
+
+    straight = fit("straight", "--trainer.max_epochs", "2")
+    fit("resumed", "--trainer.max_epochs", "1")
+    resumed = fit("resumed", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert load(resumed / "metrics" / "train_iter_001.json")["train/kl/mean"] > 0
+    for i in range(2):
+        name = f"train_iter_{i:03d}.json"
+        assert_same_iteration(load(straight / "metrics" / name), load(resumed / "metrics" / name), name)
+    a = load_file(straight / "checkpoints" / "iter_001" / "adapter_model.safetensors")
+    b = load_file(resumed / "checkpoints" / "iter_001" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # last.ckpt holds the adapters (and their optimizer state), not the frozen base.
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert len(state) == len(a) and all("lora_" in k for k in state)
