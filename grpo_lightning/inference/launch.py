@@ -279,18 +279,25 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def check_gpus_exist(config: ServerConfig) -> None:
+    """A one-line error when the server's GPU set asks for more GPUs than this machine has."""
+    gpus = server_gpus(config)
+    if gpus is None:
+        return
+    check_parallel(config)
+    count = visible_gpu_count()
+    if max(gpus) >= count:
+        raise ValueError(
+            f"data.server.gpu={config.gpu} with data.server.tensor_parallel_size={config.tensor_parallel_size} "
+            f"asks for GPUs {gpus}, but only {count} exist here"
+        )
+
+
 def server_env(config: ServerConfig) -> dict[str, str]:
     """Environment additions for the server process."""
     env: dict[str, str] = {}
     gpus = server_gpus(config)
     if gpus is not None:
-        check_parallel(config)
-        count = visible_gpu_count()
-        if max(gpus) >= count:
-            raise ValueError(
-                f"data.server.gpu={config.gpu} with data.server.tensor_parallel_size={config.tensor_parallel_size} "
-                f"asks for GPUs {gpus}, but only {count} exist here"
-            )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu(i) for i in gpus)
     if config.backend in KEY_ENV and config.api_key:
         env[KEY_ENV[config.backend]] = config.api_key  # kept off the command line (ps)
@@ -464,6 +471,7 @@ class ManagedServer:
         argv = server_argv(
             self.config, self.model, self.port, self.served_model_name, self.trust_remote_code
         )
+        check_gpus_exist(self.config)
         env = {**os.environ, **server_env(self.config)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
