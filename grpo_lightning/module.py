@@ -279,6 +279,8 @@ class GRPOModule(pl.LightningModule):
             lr=h.lr,
             betas=tuple(h.betas),
         )
+        if self.sharded:
+            sharding.initialise_optimizer_state(opt)
         total = self._total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, h, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

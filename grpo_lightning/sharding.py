@@ -104,6 +104,30 @@ def call(root: ShardedRoot, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
     return out
 
 
+def initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give an optimizer the state its first step would create, with step counts at 0.
+
+    Distributed checkpointing initialises an empty optimizer's state by stepping it once with
+    zero gradients (lr 0) when the first checkpoint is saved, which leaves Adam's step count at
+    1 and so changes the bias correction of the first real step. Doing the same here, then
+    resetting the counts, makes the state exactly that of a fresh optimizer."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if optimizer.state or not params:
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
     """A gradient norm as a plain tensor: ``clip_grad_norm_`` over DTensor gradients returns a
     DTensor whose value is only complete after a collective."""

@@ -8,6 +8,7 @@ import pytest
 from grpo_lightning.cli import main
 from grpo_lightning.inference.launch import (
     ServerConfig,
+    check_gpus_exist,
     check_parallel,
     server_argv,
     server_env,
@@ -64,7 +65,7 @@ def test_impossible_server_parallelism_is_refused(config: ServerConfig, message:
 def test_more_gpus_than_exist_is_refused_before_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(ValueError) as err:
-        server_env(ServerConfig(backend="vllm", gpu=1, tensor_parallel_size=2))
+        check_gpus_exist(ServerConfig(backend="vllm", gpu=1, tensor_parallel_size=2))
     assert str(err.value) == (
         "data.server.gpu=1 with data.server.tensor_parallel_size=2 asks for GPUs [1, 2], but only 2 exist here"
     )

@@ -312,18 +312,25 @@ def lora_server_env(backend: str) -> dict[str, str]:
     return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if backend == "vllm" else {}
 
 
+def check_gpus_exist(config: ServerConfig) -> None:
+    """A one-line error when the server's GPU set asks for more GPUs than this machine has."""
+    gpus = server_gpus(config)
+    if gpus is None:
+        return
+    check_parallel(config)
+    count = visible_gpu_count()
+    if max(gpus) >= count:
+        raise ValueError(
+            f"data.server.gpu={config.gpu} with data.server.tensor_parallel_size={config.tensor_parallel_size} "
+            f"asks for GPUs {gpus}, but only {count} exist here"
+        )
+
+
 def server_env(config: ServerConfig) -> dict[str, str]:
     """Environment additions for the server process."""
     env: dict[str, str] = {}
     gpus = server_gpus(config)
     if gpus is not None:
-        check_parallel(config)
-        count = visible_gpu_count()
-        if max(gpus) >= count:
-            raise ValueError(
-                f"data.server.gpu={config.gpu} with data.server.tensor_parallel_size={config.tensor_parallel_size} "
-                f"asks for GPUs {gpus}, but only {count} exist here"
-            )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpu(i) for i in gpus)
     if config.backend in KEY_ENV and config.api_key:
         env[KEY_ENV[config.backend]] = config.api_key  # kept off the command line (ps)
@@ -558,6 +565,7 @@ class ManagedServer:
         )
         if self.lora is not None:
             argv += lora_server_argv(self.config.backend, *self.lora)
+        check_gpus_exist(self.config)
         env = {**os.environ, **server_env(self.config)}
         if self.lora is not None:
             env.update(lora_server_env(self.config.backend))
