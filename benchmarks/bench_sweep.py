@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WAYS = {"random-1worker": (1, []), "random-2workers": (2, []), "random-asha": (2, ["--pruner", "asha"]),
+        "tpe-asha": (2, ["--sampler", "tpe", "--pruner", "asha"])}
 SPACE = ["--sample", "model.lr=loguniform:1e-4:3e-3", "--sample", "data.temperature=uniform:0.6:1.2"]
 
 
@@ -80,17 +82,13 @@ def main() -> None:
     p.add_argument("--eval-problems", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="keep the sweeps here (default: a temporary dir)")
+    p.add_argument("--ways", default=",".join(WAYS), help="which searches, comma-separated, in order")
     args = p.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_sweep_"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"{args.trials} trials of {args.iterations} iterations, eval of {args.eval_problems} problems x 2 every "
           f"{args.interval}; {len(os.sched_getaffinity(0))} cores; sweeps in {root}", flush=True)
-    results = [
-        sweep(root, "random-1worker", 1, [], args),
-        sweep(root, "random-2workers", 2, [], args),
-        sweep(root, "random-asha", 2, ["--pruner", "asha"], args),
-        sweep(root, "tpe-asha", 2, ["--sampler", "tpe", "--pruner", "asha"], args),
-    ]
+    results = [sweep(root, name, *WAYS[name], args) for name in args.ways.split(",")]
     print("\n| search | workers | wall s | CPU-s (all) | CPU-s (trials) | iterations run | complete / pruned / failed "
           "| best final success | found by | lr | temperature |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")

@@ -112,7 +112,7 @@ def trial_rows(study: optuna.Study, sweep_dir: Path, keys: list[str], metric: st
             **{m: results[m] for m in METRICS if m != "wall_s"},
             "wall_s": None if wall is None else round(wall, 1), "cpu_s": None if cpu is None else round(cpu, 1),
             "best_so_far": best, "run_dir": run_dir or "", "error": error[-1] if error else "",
-            "_error_tail": "\n".join(error), "_returncode": _cell(rec, "user_attrs_returncode"),
+            "_error_tail": "\n".join(error), "_returncode": None if _cell(rec, "user_attrs_returncode") is None else int(rec["user_attrs_returncode"]),
             "_curve": results.get("_curve", [])})
     sign = -1 if mode == "max" else 1
 

@@ -189,11 +189,11 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
     sweep_dir.mkdir()
     storage = JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
     study = optuna.create_study(storage=storage, study_name="pruned", direction="maximize")
-    dist = {"data.eval.seed_start": CategoricalDistribution(["100000", "7"])}
+    dist = {"data.eval.seed_start": CategoricalDistribution(["100000", "300000"])}
     for _ in range(5):
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.0, params={"data.eval.seed_start": "7"},
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.0, params={"data.eval.seed_start": "300000"},
                                      distributions=dist, intermediate_values={1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}))
-    argv = ["--config", CONFIG, "--grid", "data.eval.seed_start=100000,7", "--pruner", "median", "--root", str(tmp_path),
+    argv = ["--config", CONFIG, "--grid", "data.eval.seed_start=100000,300000", "--pruner", "median", "--root", str(tmp_path),
             "--name", "pruned", "--", *TINY[2:], "--trainer.max_epochs", "4", "--data.eval.interval", "1"]
     # the grid sampler sees 2 points and 5 trials without grid ids: it hands out both points.
     assert sweep.main(argv) == 0
@@ -205,11 +205,10 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
         run_dir = sweep_dir / t.user_attrs["run_dir"]
         assert t.intermediate_values[1] == json.loads((run_dir / "metrics" / "eval_iter_000.json").read_text())["success_rate"]
         assert not (run_dir / "metrics" / "eval_iter_003.json").exists()
-        assert "Received SIGTERM" in (run_dir / "output.log").read_text() or t.user_attrs["returncode"] != 0
         port = (run_dir / "server.log").read_text().split("--port ")[1].split()[0]
         assert not processes_with(f"--port {port} ") and not Path(f"/proc/{t.user_attrs['pid']}").exists()
     rows = read_csv(sweep_dir / "summary.csv")
-    assert [r["state"] for r in rows[:2]] == ["pruned", "pruned"] and rows[0]["status"] == "pruned"
+    assert [(r["state"], r["status"]) for r in rows] == [("complete", "ok")] * 5 + [("pruned", "pruned")] * 2
 
 
 @pytest.mark.slow
