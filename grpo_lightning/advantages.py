@@ -14,7 +14,7 @@ A group whose rewards are all equal carries no learning signal. Its advantages a
 exactly 0.0 by an equality test on the rewards as given, not by testing ``std < eps``: with
 float noise such as ``0.1 + 0.2`` vs ``0.3`` the centred rewards are ~1e-17 and dividing by
 ``std + eps`` would still give ~1e-13, while dividing by a std with no eps would give +-1
-(the bug noted in REFERENCE.md section 2). Consequently ``[0.1 + 0.2, 0.3]`` (which differ
+(a bug of the runner this project replaces). Consequently ``[0.1 + 0.2, 0.3]`` (which differ
 in the last bit) is *not* treated as all-equal: it gets advantages of ~+-2.8e-13, far below
 anything an optimizer step notices. Rewards that should compare equal should be computed the
 same way (the environments do), or rounded by the caller.

@@ -36,7 +36,7 @@ is not divided by the number of accumulation steps):
 
 Normalisers that count all ranks are multiplied by ``world_size`` because DDP *averages*
 gradients over ranks. With one process ``bnpo == dapo``; with several, ``bnpo`` is the mean
-over ranks of each rank's token mean. TRL and the system we replace (REFERENCE.md section 4)
+over ranks of each rank's token mean. TRL and the offline GRPO runner this project replaces
 normalise ``grpo``, ``bnpo`` and ``dr_grpo`` per *micro-batch* (the mean, token mean or
 ``B * max_len`` of the micro-batch, then an average over accumulation steps), so there the
 gradient depends on how sequences are grouped into micro-batches; their ``dapo`` uses the

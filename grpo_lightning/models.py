@@ -56,7 +56,7 @@ def cache_kwarg(module: torch.nn.Module) -> str:
 
 
 def _offline_kwargs(name_or_path: str) -> dict[str, Any]:
-    # A hub id must come from the local cache: rule 3, no downloads at run time.
+    # A hub id must come from the local cache: nothing is downloaded at run time.
     return {} if Path(name_or_path).exists() else {"local_files_only": True}
 
 

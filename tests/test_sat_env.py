@@ -116,7 +116,7 @@ def _answer(n: int) -> str:
     return " ".join("1" for _ in range(n))
 
 
-# Each malformed class of REFERENCE.md section 1 with its documented reward (seed 1234 has n = 7).
+# Each malformed class of answer with the reward the reference implementation documents for it (seed 1234 has n = 7).
 MALFORMED = {
     "no answer": ("I think x1 is true.", -0.2),
     "only an open tag": (f"{OPEN_TAG}1 0 1 1 0 1 0", -0.2),

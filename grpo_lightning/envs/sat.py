@@ -1,6 +1,6 @@
 """Random 3-SAT with a shaped reward.
 
-Problem semantics (kept from the system we replace, see ../shared/REFERENCE.md section 1):
+Problem semantics (kept from the offline GRPO runner this project replaces):
 a problem is drawn from the string form of an integer seed ``s`` with
 ``rng = random.Random(sha256(str(s)).digest())``. Its difficulty is
 ``d = 0.3 + (s % 100) / 250``; ``n = randint(4 + floor(11 d / 2), 4 + floor(11 d))`` variables and
@@ -180,7 +180,7 @@ def format_answer(assignment: list[bool] | list[int]) -> str:
 
 
 class SATEnv(Environment):
-    """Random 3-SAT (REFERENCE.md section 1) with the shaped reward of the module docstring."""
+    """Random 3-SAT with the shaped reward of the module docstring."""
 
     name = "sat"
 
