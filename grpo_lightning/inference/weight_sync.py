@@ -189,7 +189,9 @@ def sync_weights(
         verify_start = time.perf_counter()
         report = SyncReport(seconds=seconds, method=chosen, verified=False)
         if backend == "builtin":
-            report.checksum = _check_checksum(http, urls, model_dir, retry)
+            from .weights import folder_checksum
+
+            report.checksum = _check_checksum(http, urls, model_dir, lambda d: folder_checksum(model_dir, d), retry)
             report.verified = True
     if probe is not None or labelled:
         prompt = probe_prompt_ids or DEFAULT_PROBE_PROMPT
@@ -342,9 +344,17 @@ def _json_object(r: httpx.Response) -> dict:
     return answer if isinstance(answer, dict) else {}
 
 
-def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str, retry: Retry) -> str:
-    from .weights import folder_checksum
-
+def _check_checksum(
+    http: httpx.Client,
+    urls: list[str],
+    what: str,
+    expected_for: Callable[[str], str],
+    retry: Retry,
+    adapter: str | None = None,
+) -> str:
+    """The checksum every built-in server reports for its served weights, which must be
+    ``expected_for(dtype)`` (the checksum of ``what`` in the server's dtype); with ``adapter``
+    the server must also serve that LoRA adapter."""
     expected: dict[str, str] = {}
     served = ""
     for url in urls:
@@ -353,12 +363,12 @@ def _check_checksum(http: httpx.Client, urls: list[str], model_dir: str, retry: 
         except ValueError as exc:
             raise WeightSyncError(f"{url}/get_model_info failed: {exc}") from None
         dtype, served = info["dtype"], info["checksum"]
+        if adapter is not None and info.get("lora_adapter") != adapter:
+            raise WeightSyncError(f"{url} serves the adapter {info.get('lora_adapter')!r}, not {adapter!r} ({what})")
         if dtype not in expected:
-            expected[dtype] = folder_checksum(model_dir, dtype)
+            expected[dtype] = expected_for(dtype)
         if served != expected[dtype]:
-            raise WeightSyncError(
-                f"{url} serves weights with checksum {served}, but {model_dir} has {expected[dtype]}"
-            )
+            raise WeightSyncError(f"{url} serves weights with checksum {served}, but {what} has {expected[dtype]}")
     return served
 
 
@@ -515,7 +525,13 @@ def _sync_adapter(
         report = SyncReport(seconds=time.perf_counter() - start, method=method, verified=False, adapter=name)
         verify_start = time.perf_counter()
         if backend == "builtin":
-            report.checksum = _check_adapter_checksum(http, urls, folder, name, retry)
+            from ..lora import adapter_base, merged_checksum
+            from ..models import resolve_model_path
+
+            base = resolve_model_path(adapter_base(folder))
+            report.checksum = _check_checksum(
+                http, urls, f"{base} with {folder} merged", lambda d: merged_checksum(base, folder, d), retry, adapter=name
+            )
             report.verified = True
     if probe is not None:
         clients = [RolloutClient([u], backend=backend, api_key=api_key, max_retries=2, transport=transport, adapter=name)
@@ -527,25 +543,3 @@ def _sync_adapter(
         report.verified = True
     report.verify_seconds = time.perf_counter() - verify_start
     return report
-
-
-def _check_adapter_checksum(http: httpx.Client, urls: list[str], folder: str, name: str, retry: Retry) -> str:
-    from ..lora import adapter_base, merged_checksum
-    from ..models import resolve_model_path
-
-    base = resolve_model_path(adapter_base(folder))
-    expected: dict[str, str] = {}
-    served = ""
-    for url in urls:
-        try:
-            info = _send(http, "GET", url, "/get_model_info", retry).json()
-        except ValueError as exc:
-            raise WeightSyncError(f"{url}/get_model_info failed: {exc}") from None
-        dtype, served = info["dtype"], info["checksum"]
-        if info.get("lora_adapter") != name:
-            raise WeightSyncError(f"{url} serves the adapter {info.get('lora_adapter')!r}, not {name!r} ({folder})")
-        if dtype not in expected:
-            expected[dtype] = merged_checksum(base, folder, dtype)
-        if served != expected[dtype]:
-            raise WeightSyncError(f"{url} serves weights with checksum {served}, but {base} with {folder} merged has {expected[dtype]}")
-    return served
