@@ -41,11 +41,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .protocol import (
     CompletionRequest,
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from .engine import GenerationEngine, SequenceOutput
 
 log = logging.getLogger("grpo_lightning.server")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 API_KEY_ENV = "GRPO_LIGHTNING_API_KEY"
 
@@ -113,6 +114,15 @@ async def _read_json(request: Request, limit: int) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
+
+
+async def _parse(request: Request, model: type[ModelT], limit: int) -> ModelT:
+    """The request body as ``model``, or a 4xx naming what is wrong with it."""
+    body = await _read_json(request, limit)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(400, _describe(exc)) from None
 
 
 class _TokenPieces:
@@ -295,11 +305,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict:
-        body = await _read_json(request, limits.max_request_bytes)
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise ApiError(400, _describe(exc)) from None
+        req = await _parse(request, CompletionRequest, limits.max_request_bytes)
         if req.model is not None and req.model != served_name():
             raise ApiError(
                 404,
@@ -351,11 +357,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
     async def update_weights(request: Request) -> JSONResponse:
         from .weights import load_checkpoint, state_dict_checksum
 
-        body = await _read_json(request, limits.max_request_bytes)
-        try:
-            path = UpdateWeightsRequest.model_validate(body).model_path
-        except ValidationError as exc:
-            raise ApiError(400, _describe(exc)) from None
+        path = (await _parse(request, UpdateWeightsRequest, limits.max_request_bytes)).model_path
         async with update_lock:
             start = time.perf_counter()
             try:
@@ -409,11 +411,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits.max_request_bytes)
-        try:
-            req = LoadLoRAAdapterRequest.model_validate(body)
-        except ValidationError as exc:
-            raise ApiError(400, _describe(exc)) from None
+        req = await _parse(request, LoadLoRAAdapterRequest, limits.max_request_bytes)
         async with update_lock:
             start = time.perf_counter()
             try:
@@ -431,11 +429,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits.max_request_bytes)
-        try:
-            req = UnloadLoRAAdapterRequest.model_validate(body)
-        except ValidationError as exc:
-            raise ApiError(400, _describe(exc)) from None
+        req = await _parse(request, UnloadLoRAAdapterRequest, limits.max_request_bytes)
         async with update_lock:
             if req.lora_name != adapter["name"]:
                 raise ApiError(404, f"the LoRA adapter '{req.lora_name}' cannot be found")
