@@ -141,7 +141,10 @@ class Normalizer:
     """Totals over the *optimizer-step batch* (all micro-batches accumulated into one step).
 
     Attributes:
-        num_sequences: sequences in the step batch, all ranks (``grpo``, ``dr_grpo``).
+        num_sequences: completions in the step batch, all ranks (``grpo``, ``dr_grpo``),
+            including those with no loss tokens (empty, or truncated under
+            ``mask_truncated_completions``): TRL's ``grpo`` takes the mean over every row of the
+            batch and its ``dr_grpo`` divides by the batch size, masked rows included.
         num_tokens_local: loss tokens (mask ones) in the step batch on this rank (``bnpo``).
         num_tokens_global: loss tokens in the step batch on all ranks (``dapo``).
         world_size: number of data-parallel ranks whose gradients DDP averages.
@@ -218,7 +221,8 @@ def aggregation_weights(
     m = mask.to(dtype)
     ws = norm.world_size
     if cfg.loss_type == "grpo":
-        # An empty completion (|y| = 0) contributes nothing but still counts as a sequence.
+        # A completion without loss tokens (empty, or truncated and masked) adds 0 to the sum but
+        # counts in num_sequences, as in TRL: the normaliser is the step's number of samples.
         lengths = m.sum(dim=1, keepdim=True).clamp(min=1.0)
         return m / lengths * (ws / max(norm.num_sequences, 1))
     if cfg.loss_type == "bnpo":

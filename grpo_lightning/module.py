@@ -317,8 +317,13 @@ class GRPOModule(pl.LightningModule):
     @torch.no_grad()
     def _precompute_fixed_logprobs(self) -> None:
         """Reference and old-policy log-probabilities, once per iteration (before any step), for
-        every rollout this rank trains on in any pass (passes deal rollouts to ranks afresh)."""
+        every rollout this rank trains on in any pass (passes deal rollouts to ranks afresh).
+
+        They stay here, in ``self._fixed[key][rollout index]`` (the rollout's loss-token values,
+        on the host), and ``_fixed_logprobs`` lays them out for each micro-batch: the dataset
+        and its rollouts are never written to."""
         h = self.hparams
+        self._fixed = {}
         need_ref = self.has_reference
         # With a single optimizer step per iteration the old policy is the current one:
         # training_step uses its own detached log-probabilities, no extra forward pass.
@@ -326,7 +331,6 @@ class GRPOModule(pl.LightningModule):
         if not (need_ref or need_old):
             return
         micro = self.trainer.train_dataloader.dataset
-        rollouts = micro.rollouts.rollouts
         seen: set[int] = set()
         todo: list[int | None] = []
         for k, mb in enumerate(micro.schedule):
@@ -338,9 +342,9 @@ class GRPOModule(pl.LightningModule):
             # one, the others on a micro-batch whose results they drop.
             most = self.trainer.strategy.reduce(torch.tensor(len(todo), device=self.device), reduce_op="max")
             todo += [None] * (int(most) - len(todo))
+        fixed: dict[str, dict[int, torch.Tensor]] = {key: {} for key, need in (("ref_logprobs", need_ref), ("old_logprobs", need_old)) if need}
         for k in todo:
             batch = self.trainer.strategy.batch_to_device(micro[0 if k is None else k], self.device)
-            mask = batch["loss_mask"].bool()
             outs = {}
             # The same autocast as training_step (bf16-mixed on CUDA), or KL and ratios would
             # start away from 0 and 1 by the precision gap alone.
@@ -352,28 +356,32 @@ class GRPOModule(pl.LightningModule):
                     self.policy.eval()
                     outs["old_logprobs"] = self.logprobs(self.policy, batch, with_entropy=False)[0]
                     self.policy.train()
-            # One copy to the host per micro-batch; row-wise masking on the device would sync per row.
-            mask = mask.cpu()
-            outs = {key: lp.float().cpu() for key, lp in outs.items()}
             if k is None:
                 continue
-            for row, idx in enumerate(micro.schedule[k].indices):
-                r = rollouts[idx]
-                for key, lp in outs.items():
-                    # Rows of masked (untrainable) rollouts are zeros; they never enter the loss.
-                    values = lp[row][mask[row]].tolist() if mask[row].any() else [0.0] * len(r.completion_ids)
-                    setattr(r, key, values)
+            # One copy to the host per micro-batch; row-wise masking on the device would sync per row.
+            mask = batch["loss_mask"].bool().cpu()
+            for key, lp in outs.items():
+                lp = lp.float().cpu()
+                for row, idx in enumerate(micro.schedule[k].indices):
+                    fixed[key][idx] = lp[row][mask[row]]
+        self._fixed = fixed
+
+    _fixed: dict[str, dict[int, torch.Tensor]] = {}
 
     def _fixed_logprobs(self, batch: dict[str, Any], key: str, logp: torch.Tensor) -> torch.Tensor:
-        """``batch[key]`` from ``_precompute_fixed_logprobs``. Absent only where nothing was
-        precomputed: old logprobs with one step per iteration (the current policy's), or a
-        micro-batch without loss tokens (DDP padding)."""
-        if key in batch:
-            return batch[key]
+        """The micro-batch's precomputed ``key`` log-probabilities, shaped like ``logp`` (zeros
+        outside the loss mask). Nothing is precomputed for old logprobs with one step per
+        iteration (the current policy's are used) and for an empty micro-batch (DDP padding)."""
         one_step = self.hparams.num_iterations * self.hparams.steps_per_iteration == 1
-        if (key == "old_logprobs" and one_step) or not bool(batch["loss_mask"].any()):
+        rows = batch["rollout_indices"]  # a host list: deciding reads nothing from the device
+        if (key == "old_logprobs" and one_step) or not rows:
             return logp.detach()
-        raise RuntimeError(f"{key} missing for a micro-batch with loss tokens (not precomputed)")
+        stored = self._fixed.get(key, {})
+        if any(i not in stored for i in rows):
+            raise RuntimeError(f"{key} missing for micro-batch rollouts {rows} (not precomputed)")
+        values = torch.cat([stored[i] for i in rows]).to(logp.device, non_blocking=True)
+        # Row-major, like the concatenation: each row's loss tokens in order.
+        return torch.zeros(logp.shape, dtype=torch.float32, device=logp.device).masked_scatter_(batch["loss_mask"].bool(), values)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.policy is not None
@@ -481,6 +489,11 @@ class GRPOModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             stats = self._reduce_across_ranks(stats)
         metrics = {f"train/{k}": v for k, v in finalize_stats(stats).items()}
+        if self.trainer.world_size > 1:
+            # Each rank's loss parts carry the world_size factor that undoes DDP's (and FSDP's)
+            # gradient average; summed over ranks they are world_size times the objective the
+            # averaged gradient follows: report that objective, as one process would.
+            metrics |= {k: v / self.trainer.world_size for k, v in metrics.items() if k.startswith("train/loss/")}
         metrics["train/loss"] = sum(v for k, v in metrics.items() if k.startswith("train/loss/") and math.isfinite(v))
         s = self._step_stats
         metrics["train/grad_norm"] = sum(s["grad_norm"]) / len(s["grad_norm"]) if s["grad_norm"] else math.nan

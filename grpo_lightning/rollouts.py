@@ -49,8 +49,6 @@ class Rollout:
     advantage: float = 0.0
     trainable: bool = True
     """False when the completion is masked out of the loss (truncated, with masking on)."""
-    ref_logprobs: list[float] | None = None
-    old_logprobs: list[float] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -182,10 +180,6 @@ class RolloutDataset(Dataset):
             "trainable": r.trainable,
             "index": i,
         }
-        if r.ref_logprobs is not None:
-            item["ref_logprobs"] = torch.tensor(r.ref_logprobs, dtype=torch.float32)
-        if r.old_logprobs is not None:
-            item["old_logprobs"] = torch.tensor(r.old_logprobs, dtype=torch.float32)
         return item
 
     def length(self, i: int) -> int:
@@ -256,11 +250,10 @@ def collate_shared(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
 
 
 def _per_completion(items: list[dict[str, Any]], spans: list[tuple[int, int]], width: int) -> dict[str, torch.Tensor]:
-    """The per-token tensors ``[B, width]`` (loss mask, behaviour and precomputed logprobs), each
+    """The per-token tensors ``[B, width]`` (loss mask, behaviour logprobs), each
     row's completion at its ``span``, and the per-sequence ones (advantages, indices)."""
     b = len(items)
     out = {"loss_mask": torch.zeros((b, width)), "behaviour_logprobs": torch.zeros((b, width))}
-    out |= {k: torch.zeros((b, width)) for k in ("ref_logprobs", "old_logprobs") if k in items[0]}
     for row, (it, (start, stop)) in enumerate(zip(items, spans, strict=True)):
         if it["trainable"]:
             out["loss_mask"][row, start:stop] = 1.0
@@ -317,7 +310,8 @@ def build_schedule(
         for step_units in chunks:
             step_indices = [i for u in step_units for i in units[u]]
             norm = Normalizer(
-                num_sequences=sum(1 for i in step_indices if dataset.loss_tokens(i) > 0),
+                # Every completion counts, masked or empty ones too (TRL's grpo/dr_grpo).
+                num_sequences=len(step_indices),
                 num_tokens_local=0,
                 num_tokens_global=sum(dataset.loss_tokens(i) for i in step_indices),
                 world_size=world_size,
@@ -373,6 +367,7 @@ class MicroBatchDataset(Dataset):
         items = [self.rollouts[i] for i in mb.indices] or [_empty_item(self.pad_id)]
         batch: dict[str, Any] = self.collate(items, self.pad_id)
         batch["step_end"] = mb.step_end
+        batch["rollout_indices"] = list(mb.indices)
         # A plain dict: Lightning's device transfer refuses frozen dataclasses.
         batch["normalizer"] = asdict(mb.normalizer)
         return batch

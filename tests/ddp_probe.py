@@ -14,7 +14,8 @@ class WeightDigest(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         micro = trainer.train_dataloader.dataset
         mine = {i for mb in micro.schedule for i in mb.indices}
-        missing = sum(micro.rollouts.rollouts[i].ref_logprobs is None for i in mine)
+        stored = pl_module._fixed.get("ref_logprobs", {})
+        missing = sum(i not in stored for i in mine)
         (Path(trainer.log_dir) / f"missing_ref_rank{trainer.global_rank}.txt").write_text(f"{missing} of {len(mine)}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

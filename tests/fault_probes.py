@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +144,8 @@ class NonFinite(pl.Callback):
 
 
 def run_cli(argv: list[str], log_prefix: str) -> None:
-    """A forked trainer: ``main(argv)`` with stdout/stderr in ``<log_prefix>.out``/``.err`` and
-    its start time in ``.start``, one torch thread; the exit code is ``main``'s."""
+    """A forked trainer: ``main(argv)`` with stdout/stderr in ``<log_prefix>.out``/``.err``, one
+    torch thread; the exit code is ``main``'s."""
     # One thread: on a busy shared machine more threads spin against each other (and every
     # launch of a chain must use the same count for its results to be reproducible).
     torch.set_num_threads(1)
@@ -154,7 +153,6 @@ def run_cli(argv: list[str], log_prefix: str) -> None:
         f = os.open(log_prefix + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
         os.close(f)
-    Path(log_prefix + ".start").write_text(repr(time.time()))
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

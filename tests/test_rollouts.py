@@ -160,3 +160,20 @@ def test_dynamic_sampling_replaces_groups_without_signal() -> None:
         assert any(r.advantage != 0 for r in g) and sum(r.advantage for r in g) == pytest.approx(0, abs=1e-6)
     # The logged reward statistics count every completion generated, refills included.
     assert stats["frac_reward_zero_std"] > 0
+
+
+def test_grpo_normaliser_counts_masked_completions_like_trl() -> None:
+    """A truncated completion masked out of the loss adds nothing to the sum but still counts in
+    the mean over sequences (TRL: ``(sum_t m l / |y|).mean()`` over every row)."""
+    from grpo_lightning.loss import LossConfig, aggregation_weights
+
+    group = [rollout(0, 0, [1], [2, 3], 1.0), rollout(0, 1, [1], [3], 0.0), rollout(0, 2, [1], [4, 4, 4], 0.5, "length")]
+    assign_advantages([group], scale="none", eps=0.0, mask_truncated=True)
+    ds = RolloutDataset(group)
+    (mb,) = build_schedule(ds, num_iterations=1, steps_per_iteration=1, micro_batch_size=8, max_tokens_per_micro_batch=None)
+    assert mb.normalizer.num_sequences == 3
+    batch = MicroBatchDataset(ds, [mb], pad_id=0)[0]
+    for loss_type, expected in (("grpo", [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0], [0, 0, 0]]), ("dr_grpo", [[1 / 9, 1 / 9, 0], [1 / 9, 0, 0], [0, 0, 0]])):
+        cfg = LossConfig(loss_type=loss_type, max_completion_length=3)
+        weights = aggregation_weights(batch["loss_mask"], cfg, mb.normalizer)
+        assert weights.flatten().tolist() == pytest.approx(sum(expected, [])), loss_type

@@ -59,14 +59,8 @@ def test_two_sharded_cpu_ranks_train_as_one_process_and_resume_exactly(tmp_path:
     for i in range(2):
         name = f"train_iter_{i:03d}.json"
         got, want = load(run / "metrics" / name), load(single / "metrics" / name)
-        # Each rank's logged loss parts are its contribution scaled by world_size (the scale
-        # that undoes the gradient average), then summed over ranks: twice the single
-        # process's at 2 ranks, as under DDP. The gradients (and weights, below) are the same.
-        losses = [k for k in got if k.startswith("train/loss")]
-        for k in losses:
-            assert got[k] == pytest.approx(2 * want[k], rel=1e-3, abs=1e-5), f"{name}: {k}"
-        assert_same_iteration({k: v for k, v in got.items() if k not in losses},
-                              {k: v for k, v in want.items() if k not in losses}, name)
+        # The logged loss is the objective the rank-averaged gradient follows: the single process's.
+        assert_same_iteration(got, want, name)
         assert got["sync/verified"] is True and got["train/optimizer_steps"] == 4
     assert load(run / "metrics" / "train_iter_001.json")["sync/reason"] == "iteration"
 
