@@ -20,8 +20,9 @@ the distribution it sampled from, the finish reason and the decoded text.
   logprobs are taken after temperature but before top-k/top-p.
 
 Requests are spread round-robin over the URLs; a failed attempt (connection error, timeout,
-HTTP 5xx/408/429) is retried on the next URL after an exponential backoff. Once retries are
-spent, ``RetriesExhausted`` (a ``GenerationError``) names the URLs and the last cause: a failed
+HTTP 5xx/408/429) is retried on the next URL after an exponential backoff (``retry.RetryPolicy``,
+the policy weight sync and health polling follow too). Once retries are spent,
+``RetriesExhausted`` (a ``ServerUnavailable``) names the URLs and the last cause: a failed
 request never turns into an empty completion, and the caller can tell a server that is down or
 hung (restart it) from one that rejected the request (``GenerationError``: do not).
 """
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 
+from .retry import RetryPolicy
+
 BACKENDS = ("builtin", "vllm", "sglang")
 RETRY_STATUS = {408, 429}
 # ``completions.create``'s own arguments; the rest of our body goes through ``extra_body``.
@@ -44,17 +47,21 @@ SDK_COMPLETION_ARGS = ("model", "prompt", "n", "seed", "max_tokens", "temperatur
 
 
 class ServerUnavailable(RuntimeError):
-    """A server cannot be reached or is not healthy."""
+    """A server is down, hung or unreachable: it gave no answer, or no healthy one, within the
+    retry budget or the startup deadline. The one type for that condition wherever it is met
+    (starting a server, generating, syncing weights): restarting a server of ours may help,
+    where it would not for a request the server rejected (``GenerationError``,
+    ``weight_sync.WeightSyncError``)."""
 
 
 class GenerationError(RuntimeError):
-    """A generation request failed for good (bad request, bad answer, or retries spent)."""
+    """The server answered, but rejected the request or answered with something unusable: the
+    request (or the server's setup) must change; a restart does not help."""
 
 
-class RetriesExhausted(GenerationError):
-    """Every attempt failed in a way a healthy server would not (connection refused, timeout,
-    5xx): the server is down, hung or overloaded, so restarting it may help where a rejected
-    request would not."""
+class RetriesExhausted(ServerUnavailable):
+    """Every generation attempt failed in a way a healthy server would not (connection
+    refused, timeout, 5xx/408/429): the server is down, hung or overloaded."""
 
 
 @dataclass
@@ -160,9 +167,7 @@ class RolloutClient:
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.request_timeout = request_timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.retry = RetryPolicy(max_retries, backoff, max_backoff)
         self.tokenizer = tokenizer
         self.transport = transport
         self.return_weight_versions = return_weight_versions and backend == "vllm"
@@ -243,26 +248,24 @@ class RolloutClient:
         if req.n < 1 or req.params.max_tokens < 1:
             raise GenerationError(f"request {index}: n and max_tokens must be >= 1")
         first = next(self._next_url)
-        last: Exception | None = None
         tried: list[str] = []
-        for attempt in range(self.max_retries + 1):
-            url = self.urls[(first + attempt) % len(self.urls)]
+
+        async def attempt(number: int) -> list[Completion]:
+            # Each retry goes to the next URL: a dead server is not asked twice in a row.
+            url = self.urls[(first + number - 1) % len(self.urls)]
             tried.append(url)
-            try:
-                async with sem:
-                    completions = await self._call(servers[url], url, req)
-            except _Retryable as exc:
-                last = exc
-                if attempt < self.max_retries:
-                    await asyncio.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-                continue
-            if on_done is not None:
-                on_done(index)
-            return completions
-        raise RetriesExhausted(
-            f"request {index} failed after {self.max_retries + 1} attempts "
-            f"({', '.join(sorted(set(tried)))}): {last}"
-        ) from last
+            async with sem:
+                return await self._call(servers[url], url, req)
+
+        def give_up(last: BaseException, attempts: int) -> RetriesExhausted:
+            return RetriesExhausted(
+                f"request {index} failed after {attempts} attempts ({', '.join(sorted(set(tried)))}): {last}"
+            )
+
+        completions = await self.retry.acall(attempt, _Retryable, give_up)
+        if on_done is not None:
+            on_done(index)
+        return completions
 
     def _sdk(self, url: str, http: httpx.AsyncClient) -> openai.AsyncOpenAI:
         # max_retries=0: our retry policy (next URL, backoff, the budget) is the only one.
