@@ -189,6 +189,24 @@ def test_vllm_answer_problems_are_errors_not_empty_completions():
             client.generate([request()])
 
 
+def test_answers_that_are_not_completions_are_errors_not_retried():
+    for answer, match in [
+        (httpx.Response(200, text="oops"), "no completions object: oops"),
+        (httpx.Response(200, json=[1, 2]), r"no completions object: \[1, 2\]"),
+        (httpx.Response(200, content=b"{bad", headers={"content-type": "application/json"}), "invalid JSON"),
+    ]:
+        calls: list[int] = []
+
+        def handler(req: httpx.Request, answer=answer, calls=calls) -> httpx.Response:
+            calls.append(1)
+            return answer
+
+        client = RolloutClient(["http://gpu:8000"], backend="vllm", model="m", transport=httpx.MockTransport(handler))
+        with pytest.raises(GenerationError, match=match):
+            client.generate([request()])
+        assert len(calls) == 1
+
+
 def test_sglang_request_and_recorded_answer():
     rec = Recorder((200, SGLANG_ANSWER))
     client = RolloutClient(

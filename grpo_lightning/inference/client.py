@@ -303,6 +303,8 @@ class RolloutClient:
             self.request_timeout,
             sdk.completions.create(**sdk_args, extra_body=extra, extra_headers=headers),
         )
+        if not isinstance(answer, openai.BaseModel):  # text, or JSON that is not an object
+            raise GenerationError(f"{url}/v1/completions answered with no completions object: {_one_line(answer)}")
         # vLLM's fields beyond the OpenAI schema (token_ids, prompt_token_ids,
         # weight_versions) are kept by the SDK's models and come back in model_dump().
         return parse_openai(answer.model_dump(warnings=False), req, self.tokenizer)
