@@ -40,7 +40,7 @@ from grpo_lightning.inference.client import (  # noqa: E402
 )
 from grpo_lightning.inference.client import SamplingParams as OurSampling  # noqa: E402
 from grpo_lightning.inference.launch import ServerConfig, server_argv  # noqa: E402
-from grpo_lightning.inference.weight_sync import sync_weights  # noqa: E402
+from grpo_lightning.inference.weight_sync import DEFAULT_PROBE_PROMPT, sync_weights  # noqa: E402
 
 VOCAB = 151936
 
@@ -83,6 +83,9 @@ def test_recorded_updates_carry_what_the_sync_sends(tmp_path):
     update = server.calls[0][1]
     TypeAdapter(UpdateWeightFromDiskReqInput).validate_python(update)
     assert set(update) <= {f.name for f in msgspec.structs.fields(UpdateWeightFromDiskReqInput)}
+    # The probe's /generate body as the openai SDK's post put it on the wire: ours, unchanged.
+    probe = GenerationRequest(prompt_ids=DEFAULT_PROBE_PROMPT, n=1, seed=0, params=OurSampling(max_tokens=8))
+    assert server.calls[1][1] == sglang_payload(probe)
     assert generate_contract_error(server.calls[1][1]) is None
 
 

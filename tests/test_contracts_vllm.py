@@ -256,11 +256,14 @@ def vllm_app(engine: Engine) -> FastAPI:
     return app
 
 
-def through(app: FastAPI) -> httpx.MockTransport:
-    """A transport (sync and async) that hands every request to ``app``."""
+def through(app: FastAPI, bodies: list[dict] | None = None) -> httpx.MockTransport:
+    """A transport (sync and async) that hands every request to ``app``; ``bodies`` collects
+    the JSON bodies as sent."""
     client = TestClient(app)
 
     def handle(req: httpx.Request) -> httpx.Response:
+        if bodies is not None and req.content:
+            bodies.append(json.loads(req.content))
         r = client.request(req.method, req.url.path, content=req.content, headers=dict(req.headers))
         return httpx.Response(r.status_code, content=r.content, headers=r.headers)
 
@@ -297,8 +300,16 @@ def test_weight_sync_through_vllms_route_handlers(tmp_path):
 def test_the_client_generates_through_vllms_request_model():
     engine = Engine(reset_results=[])
     engine.version = "step-7"
-    client = RolloutClient([URL], backend="vllm", transport=through(vllm_app(engine)), return_weight_versions=True)
-    out = client.generate([GenerationRequest(DEFAULT_PROBE_PROMPT, n=1, seed=0, params=OurSampling(max_tokens=2))])
+    sent: list[dict] = []
+    client = RolloutClient([URL], backend="vllm", transport=through(vllm_app(engine), sent), return_weight_versions=True)
+    req = GenerationRequest(DEFAULT_PROBE_PROMPT, n=1, seed=0, params=OurSampling(max_tokens=2, top_k=5, stop_token_ids=[13]))
+    out = client.generate([req])
+    # What the openai SDK put on the wire (its own arguments plus extra_body) is our body, and
+    # vLLM's request model declares every key of it: nothing dropped, added or ignored.
+    assert sent == [{**openai_payload(req, "policy"), "return_weight_versions": True}]
+    assert undeclared_keys(sent[0], CompletionRequest) == set()
+    sp = to_sampling(sent[0])
+    assert (sp.top_k, sp.stop_token_ids, sp.logprobs) == (5, [13], 0)
     completion = out[0][0]
     assert completion.token_ids == PROBE_TOKENS and completion.weight_versions == ["step-7"]
     assert completion.logprobs == trainer_logprobs(1)

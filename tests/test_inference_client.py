@@ -189,6 +189,24 @@ def test_vllm_answer_problems_are_errors_not_empty_completions():
             client.generate([request()])
 
 
+def test_answers_that_are_not_completions_are_errors_not_retried():
+    for answer, match in [
+        (httpx.Response(200, text="oops"), "no completions object: oops"),
+        (httpx.Response(200, json=[1, 2]), r"no completions object: \[1, 2\]"),
+        (httpx.Response(200, content=b"{bad", headers={"content-type": "application/json"}), "invalid JSON"),
+    ]:
+        calls: list[int] = []
+
+        def handler(req: httpx.Request, answer=answer, calls=calls) -> httpx.Response:
+            calls.append(1)
+            return answer
+
+        client = RolloutClient(["http://gpu:8000"], backend="vllm", model="m", transport=httpx.MockTransport(handler))
+        with pytest.raises(GenerationError, match=match):
+            client.generate([request()])
+        assert len(calls) == 1
+
+
 def test_sglang_request_and_recorded_answer():
     rec = Recorder((200, SGLANG_ANSWER))
     client = RolloutClient(
@@ -325,10 +343,8 @@ def test_requests_spread_over_urls_and_fail_over():
 def test_down_server_fails_fast_with_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}"
     client = RolloutClient([url], max_retries=2, backoff=0.05, request_timeout=2)
-    start = time.monotonic()
-    with pytest.raises(GenerationError, match="after 3 attempts") as err:
+    with pytest.raises(ServerUnavailable, match="after 3 attempts") as err:
         client.generate([request()])
-    assert time.monotonic() - start < 5
     assert url in str(err.value)
     with pytest.raises(ServerUnavailable, match=url) as down:
         client.health()
@@ -388,10 +404,8 @@ def test_slow_server_times_out_then_retries_succeed():
     fake = FakeServer(script)
     with fake as url:
         client = RolloutClient([url], model="m", request_timeout=0.3, max_retries=1, backoff=0.01)
-        start = time.monotonic()
-        with pytest.raises(GenerationError, match="no answer within 0.3s"):
+        with pytest.raises(ServerUnavailable, match="no answer within 0.3s"):
             client.generate([request()])
-        assert time.monotonic() - start < 1.5
         assert fake.hits == 2  # the first try and its one retry, each cut at the timeout
         client = RolloutClient([url], model="m", request_timeout=0.3, max_retries=3, backoff=0.01)
         assert [c.token_ids for c in client.generate([request()])[0]] == [
@@ -406,7 +420,7 @@ def test_server_errors_exhaust_retries_into_an_exception():
     fake = FakeServer(lambda path, hit: (0.0, 500, {"error": {"message": "CUDA out of memory"}}))
     with fake as url:
         client = RolloutClient([url], model="m", max_retries=3, backoff=0.01)
-        with pytest.raises(GenerationError, match="HTTP 500.*CUDA out of memory"):
+        with pytest.raises(ServerUnavailable, match="HTTP 500.*CUDA out of memory"):
             client.generate([request()])
     assert fake.hits == 4  # the first try and max_retries retries
 

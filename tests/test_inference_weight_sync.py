@@ -11,10 +11,10 @@ import json
 import httpx
 import pytest
 
+from grpo_lightning.inference.client import ServerUnavailable
 from grpo_lightning.inference.weight_sync import (
     DEFAULT_PROBE_PROMPT,
     Retry,
-    ServerUnreachable,
     WeightSyncError,
     sync_weights,
 )
@@ -365,15 +365,16 @@ def test_a_sync_the_server_does_not_answer_is_retried_within_the_budget(tmp_path
     assert [c[0] for c in down.server.calls] == ["/update_weights_from_disk", "/generate"]
     assert down.attempts == 4 and report.verified
     down = DownFor(3)
-    with pytest.raises(ServerUnreachable) as err:
+    with pytest.raises(ServerUnavailable) as err:
         sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(down))
     assert down.attempts == 3 and not down.server.calls
+    assert not isinstance(err.value, WeightSyncError)  # a lost server, as in generation: not a refusal
     assert str(err.value).startswith(f"{URL}/update_weights_from_disk got no answer after 3 attempts: ConnectError")
     # An answer, even a refusal, is not retried: the server is there and said no.
     refusing = Routes(update_weights_from_disk=[(400, {"success": False, "message": "bad folder"})])
     with pytest.raises(WeightSyncError, match="bad folder") as err:
         sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(refusing))
-    assert not isinstance(err.value, ServerUnreachable) and len(refusing.calls) == 1
+    assert not isinstance(err.value, ServerUnavailable) and len(refusing.calls) == 1
 
 
 def test_methods_are_checked_against_the_backend(tmp_path):
@@ -385,5 +386,5 @@ def test_methods_are_checked_against_the_backend(tmp_path):
         sync_weights([URL], tmp_path, backend="builtin", method="restart")
     with pytest.raises(WeightSyncError, match="no checkpoint folder"):
         sync_weights([URL], tmp_path / "missing", backend="builtin")
-    with pytest.raises(ServerUnreachable, match="got no answer after 1 attempt: ConnectError"):
+    with pytest.raises(ServerUnavailable, match="got no answer after 1 attempt: ConnectError"):
         sync_weights(["http://127.0.0.1:9"], tmp_path, backend="sglang", timeout=2)

@@ -4,20 +4,25 @@ Every completion comes back with the exact prompt and completion token ids the s
 (never re-tokenized text, so EOS and token boundaries survive), the behaviour logprobs of
 the distribution it sampled from, the finish reason and the decoded text.
 
-* ``builtin`` and ``vllm``: OpenAI ``POST /v1/completions`` with a token-id prompt, ``n``,
-  ``seed``, ``return_token_ids`` and ``logprobs: 0``. Both sample choice ``i`` with
-  ``seed + i``. For vLLM, launch with ``--logprobs-mode processed_logprobs`` so that
-  logprobs are those after temperature/top-k/top-p (``launch.server_argv`` does).
-* ``sglang``: native ``POST /generate`` with a batch of ``n`` copies of ``input_ids``, each
-  with its own ``sampling_params.sampling_seed = seed + i`` (SGLang's seeded sampler hashes
-  seed and position, so one seed with ``n > 1`` would give ``n`` identical samples; it also
-  only honours seeds when launched with ``--enable-deterministic-inference``). Reads
-  ``output_ids`` and ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]``
-  triples); SGLang's logprobs are taken after temperature but before top-k/top-p.
+* ``builtin`` and ``vllm``: OpenAI ``POST /v1/completions`` through the ``openai`` SDK (one
+  ``AsyncOpenAI`` per URL, its own retries off) with a token-id prompt, ``n``, ``seed`` and
+  ``logprobs: 0``; what the OpenAI API lacks (``return_token_ids``, ``top_k``, ...) goes in
+  ``extra_body``, and the token ids come back as fields the SDK keeps beyond its schema. Both
+  servers sample choice ``i`` with ``seed + i``. For vLLM, launch with ``--logprobs-mode
+  processed_logprobs`` so that logprobs are those after temperature/top-k/top-p
+  (``launch.server_argv`` does).
+* ``sglang``: native ``POST /generate`` (the SDK's plain ``post``) with a batch of ``n`` copies
+  of ``input_ids``, each with its own ``sampling_params.sampling_seed = seed + i`` (SGLang's
+  seeded sampler hashes seed and position, so one seed with ``n > 1`` would give ``n``
+  identical samples; it also only honours seeds when launched with
+  ``--enable-deterministic-inference``). Reads ``output_ids`` and
+  ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` triples); SGLang's
+  logprobs are taken after temperature but before top-k/top-p.
 
 Requests are spread round-robin over the URLs; a failed attempt (connection error, timeout,
-HTTP 5xx/408/429) is retried on the next URL after an exponential backoff. Once retries are
-spent, ``RetriesExhausted`` (a ``GenerationError``) names the URLs and the last cause: a failed
+HTTP 5xx/408/429) is retried on the next URL after an exponential backoff (``retry.RetryPolicy``,
+the policy weight sync and health polling follow too). Once retries are spent,
+``RetriesExhausted`` (a ``ServerUnavailable``) names the URLs and the last cause: a failed
 request never turns into an empty completion, and the caller can tell a server that is down or
 hung (restart it) from one that rejected the request (``GenerationError``: do not).
 """
@@ -27,27 +32,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
+import openai
+
+from .retry import RetryPolicy
 
 BACKENDS = ("builtin", "vllm", "sglang")
 RETRY_STATUS = {408, 429}
+# ``completions.create``'s own arguments; the rest of our body goes through ``extra_body``.
+SDK_COMPLETION_ARGS = ("model", "prompt", "n", "seed", "max_tokens", "temperature", "top_p", "logprobs")
 
 
 class ServerUnavailable(RuntimeError):
-    """A server cannot be reached or is not healthy."""
+    """A server is down, hung or unreachable: it gave no answer, or no healthy one, within the
+    retry budget or the startup deadline. The one type for that condition wherever it is met
+    (starting a server, generating, syncing weights): restarting a server of ours may help,
+    where it would not for a request the server rejected (``GenerationError``,
+    ``weight_sync.WeightSyncError``)."""
 
 
 class GenerationError(RuntimeError):
-    """A generation request failed for good (bad request, bad answer, or retries spent)."""
+    """The server answered, but rejected the request or answered with something unusable: the
+    request (or the server's setup) must change; a restart does not help."""
 
 
-class RetriesExhausted(GenerationError):
-    """Every attempt failed in a way a healthy server would not (connection refused, timeout,
-    5xx): the server is down, hung or overloaded, so restarting it may help where a rejected
-    request would not."""
+class RetriesExhausted(ServerUnavailable):
+    """Every generation attempt failed in a way a healthy server would not (connection
+    refused, timeout, 5xx/408/429): the server is down, hung or overloaded."""
 
 
 @dataclass
@@ -153,9 +167,7 @@ class RolloutClient:
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.request_timeout = request_timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.retry = RetryPolicy(max_retries, backoff, max_backoff)
         self.tokenizer = tokenizer
         self.transport = transport
         self.return_weight_versions = return_weight_versions and backend == "vllm"
@@ -179,14 +191,14 @@ class RolloutClient:
         limits = httpx.Limits(
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
+        # One connection pool for every URL; the SDK accepts an httpx client (``transport``
+        # stands in for the network in tests).
         async with httpx.AsyncClient(
-            timeout=self.request_timeout,
-            limits=limits,
-            headers=self.headers,
-            transport=self.transport,
+            timeout=self.request_timeout, limits=limits, transport=self.transport
         ) as http:
+            servers = {url: self._sdk(url, http) for url in self.urls}
             tasks = [
-                asyncio.ensure_future(self._request(http, sem, i, r, on_done))
+                asyncio.ensure_future(self._request(servers, sem, i, r, on_done))
                 for i, r in enumerate(requests)
             ]
             try:
@@ -231,87 +243,101 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ one request with retries
     async def _request(
-        self, http, sem, index: int, req: GenerationRequest, on_done
+        self, servers: dict[str, openai.AsyncOpenAI], sem, index: int, req: GenerationRequest, on_done
     ) -> list[Completion]:
         if req.n < 1 or req.params.max_tokens < 1:
             raise GenerationError(f"request {index}: n and max_tokens must be >= 1")
         first = next(self._next_url)
-        last: Exception | None = None
         tried: list[str] = []
-        for attempt in range(self.max_retries + 1):
-            url = self.urls[(first + attempt) % len(self.urls)]
+
+        async def attempt(number: int) -> list[Completion]:
+            # Each retry goes to the next URL: a dead server is not asked twice in a row.
+            url = self.urls[(first + number - 1) % len(self.urls)]
             tried.append(url)
-            try:
-                async with sem:
-                    completions = await self._call(http, url, req)
-            except _Retryable as exc:
-                last = exc
-                if attempt < self.max_retries:
-                    await asyncio.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-                continue
-            if on_done is not None:
-                on_done(index)
-            return completions
-        raise RetriesExhausted(
-            f"request {index} failed after {self.max_retries + 1} attempts "
-            f"({', '.join(sorted(set(tried)))}): {last}"
-        ) from last
+            async with sem:
+                return await self._call(servers[url], url, req)
 
-    async def _post(self, http, url: str, path: str, payload: dict):
-        try:
-            r = await http.post(f"{url}{path}", json=payload)
-        except httpx.TimeoutException:
-            raise _Retryable(f"{url}{path}: no answer within {self.request_timeout:g}s") from None
-        except httpx.TransportError as exc:
-            raise _Retryable(f"{url}{path}: {_one_line(exc)}") from None
-        if r.status_code >= 500 or r.status_code in RETRY_STATUS:
-            raise _Retryable(f"{url}{path}: HTTP {r.status_code} {_one_line(r.text)}")
-        if r.status_code != 200:
-            raise GenerationError(
-                f"{url}{path} rejected the request: HTTP {r.status_code} {_one_line(r.text)}"
+        def give_up(last: BaseException, attempts: int) -> RetriesExhausted:
+            return RetriesExhausted(
+                f"request {index} failed after {attempts} attempts ({', '.join(sorted(set(tried)))}): {last}"
             )
-        try:
-            return r.json()
-        except ValueError:
-            raise GenerationError(
-                f"{url}{path} answered with invalid JSON: {_one_line(r.text)}"
-            ) from None
 
-    async def _call(self, http, url: str, req: GenerationRequest) -> list[Completion]:
+        completions = await self.retry.acall(attempt, _Retryable, give_up)
+        if on_done is not None:
+            on_done(index)
+        return completions
+
+    def _sdk(self, url: str, http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+        # max_retries=0: our retry policy (next URL, backoff, the budget) is the only one.
+        # The SDK insists on a key: without one a placeholder is set and its header omitted.
+        return openai.AsyncOpenAI(
+            base_url=f"{url}/v1",
+            api_key=self.api_key or "unused",
+            max_retries=0,
+            timeout=self.request_timeout,
+            http_client=http,
+        )
+
+    async def _call(self, sdk: openai.AsyncOpenAI, url: str, req: GenerationRequest) -> list[Completion]:
+        headers = {} if self.api_key else {"Authorization": openai.Omit()}
         if self.backend == "sglang":
             payload = sglang_payload(req)
             if self.adapter is not None:
                 # GenerateReqInput.lora_path (sglang/srt/managers/io_struct.py) names a loaded adapter.
                 payload["lora_path"] = self.adapter
-            body = await self._post(http, url, "/generate", payload)
+            # SGLang's native route, outside the OpenAI API: an absolute URL past base_url.
+            body = await _answer(
+                f"{url}/generate",
+                self.request_timeout,
+                sdk.post(f"{url}/generate", cast_to=object, body=payload, options={"headers": headers}),
+            )
             return parse_sglang(body, req, self.tokenizer)
-        model = self.adapter or self.model or await self._served_model(http, url)
+        model = self.adapter or self.model or await self._served_model(sdk, url, headers)
         payload = openai_payload(req, model)
         if self.return_weight_versions:
             payload["return_weight_versions"] = True
-        body = await self._post(http, url, "/v1/completions", payload)
-        return parse_openai(body, req, self.tokenizer)
+        sdk_args = {k: v for k, v in payload.items() if k in SDK_COMPLETION_ARGS}
+        extra = {k: v for k, v in payload.items() if k not in SDK_COMPLETION_ARGS}
+        answer = await _answer(
+            f"{url}/v1/completions",
+            self.request_timeout,
+            sdk.completions.create(**sdk_args, extra_body=extra, extra_headers=headers),
+        )
+        if not isinstance(answer, openai.BaseModel):  # text, or JSON that is not an object
+            raise GenerationError(f"{url}/v1/completions answered with no completions object: {_one_line(answer)}")
+        # vLLM's fields beyond the OpenAI schema (token_ids, prompt_token_ids,
+        # weight_versions) are kept by the SDK's models and come back in model_dump().
+        return parse_openai(answer.model_dump(warnings=False), req, self.tokenizer)
 
-    async def _served_model(self, http, url: str) -> str:
+    async def _served_model(self, sdk: openai.AsyncOpenAI, url: str, headers: dict) -> str:
         if url not in self._models:
+            page = await _answer(f"{url}/v1/models", self.request_timeout, sdk.models.list(extra_headers=headers))
             try:
-                r = await http.get(f"{url}/v1/models")
-            except httpx.TimeoutException:
-                raise _Retryable(f"{url}/v1/models: no answer within {self.request_timeout:g}s") from None
-            except httpx.HTTPError as exc:
-                raise _Retryable(f"{url}/v1/models: {_one_line(exc)}") from None
-            if r.status_code >= 500:
-                raise _Retryable(f"{url}/v1/models: HTTP {r.status_code}")
-            try:
-                self._models[url] = r.json()["data"][0]["id"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise GenerationError(
-                    f"{url}/v1/models: cannot read the served model name (HTTP {r.status_code})"
-                ) from None
+                self._models[url] = page.data[0].id
+            except (AttributeError, IndexError, TypeError):
+                raise GenerationError(f"{url}/v1/models: cannot read the served model name") from None
         return self._models[url]
 
     def _sync_transport(self):
         return self.transport if isinstance(self.transport, httpx.BaseTransport) else None
+
+
+async def _answer(where: str, timeout: float, call: Awaitable):
+    """``call``'s result, or its failure as ``_Retryable`` (no answer, 5xx/408/429: another
+    attempt may succeed) or ``GenerationError`` (the server rejected the request)."""
+    try:
+        return await call
+    except openai.APITimeoutError:
+        raise _Retryable(f"{where}: no answer within {timeout:g}s") from None
+    except openai.APIConnectionError as exc:
+        raise _Retryable(f"{where}: {_one_line(exc.__cause__ or exc)}") from None
+    except openai.APIStatusError as exc:
+        status, text = exc.status_code, _one_line(exc.response.text)
+        if status >= 500 or status in RETRY_STATUS:
+            raise _Retryable(f"{where}: HTTP {status} {text}") from None
+        raise GenerationError(f"{where} rejected the request: HTTP {status} {text}") from None
+    except (openai.OpenAIError, ValueError) as exc:  # an answer the SDK cannot read
+        raise GenerationError(f"{where} answered with invalid JSON: {_one_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------- wire formats

@@ -13,7 +13,8 @@ With ``ServerConfig.urls`` set, nothing is launched: the servers at those URLs a
 they are and never stopped by us.
 
 ``server_argv`` is the one place that spells out the vLLM / SGLang / built-in command lines.
-Weight sync (``sync_weights``, defined in ``weight_sync.py``) is re-exported here.
+Weight sync (``weight_sync.py``) builds on this module and not the other way round; its names
+are still importable from here, on first use (see ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import httpx
 
@@ -46,20 +48,28 @@ from .client import (
     ServerUnavailable,
     auth_headers,
 )
-from .weight_sync import ServerUnreachable, SyncReport, WeightSyncError, sync_weights
+from .retry import RetryPolicy
 
 __all__ = [
     "ManagedServer",
     "ServerConfig",
     "ServerUnavailable",
-    "ServerUnreachable",
-    "SyncReport",
-    "WeightSyncError",
     "free_port",
     "server_argv",
     "server_env",
-    "sync_weights",
 ]
+
+# The weight-sync names callers used to import from here; weight_sync imports this module, so
+# they are looked up when first asked for instead of at import.
+_FROM_WEIGHT_SYNC = {"ServerUnreachable", "SyncReport", "WeightSyncError", "sync_weights"}
+
+
+def __getattr__(name: str):
+    if name in _FROM_WEIGHT_SYNC:
+        from . import weight_sync
+
+        return getattr(weight_sync, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -392,6 +402,11 @@ def _client_host(host: str) -> str:
 class ManagedServer:
     """A server process we own (or servers we attach to), usable as a context manager."""
 
+    adapter_loader: ClassVar[Callable[[ManagedServer, str, str], None] | None] = None
+    """``(server, folder, name)``: loads a LoRA adapter on the servers. Set by ``weight_sync``
+    (whose ``load_adapter`` it is, and which sets ``adapter``): this module starts processes and
+    knows no weight routes."""
+
     def __init__(
         self,
         config: ServerConfig,
@@ -501,13 +516,12 @@ class ManagedServer:
 
     def _reload_adapter(self) -> None:
         # A restarted process has lost its adapters: it must serve the policy again, not the base.
-        from .weight_sync import WeightSyncError, load_adapter
-
-        assert self.adapter is not None
+        load = type(self).adapter_loader
+        assert self.adapter is not None and load is not None
         name, folder = self.adapter
         try:
-            load_adapter(self, folder, name)
-        except WeightSyncError as exc:
+            load(self, folder, name)
+        except RuntimeError as exc:  # refused (WeightSyncError) or gone again (ServerUnavailable)
             raise ServerUnavailable(f"the restarted server did not take the adapter {folder}: {exc}") from exc
 
     def stop(self) -> None:
@@ -586,33 +600,40 @@ class ManagedServer:
         _LIVE.add(self)
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout
-        headers = auth_headers(self.config.api_key)
+        # Polled often at first (a small model is up in seconds), then every half second, until
+        # every URL answers 200 or startup_timeout has passed. A launched process that exits
+        # ends the wait at once: no later poll can succeed.
+        polling = RetryPolicy(
+            max_retries=None, backoff=0.1, growth=1.5, max_backoff=0.5, deadline=self.config.startup_timeout
+        )
         path = HEALTH_PATHS[self.config.backend]
-        with httpx.Client(timeout=5.0, headers=headers) as http:
-            for url in self.urls:
-                delay = 0.1
-                cause = "no answer yet"
-                while True:
-                    if self._proc is not None and self._proc.poll() is not None:
-                        raise ServerUnavailable(
-                            f"{self.config.backend} server at {url} exited with code {self._proc.returncode} "
-                            f"during startup; {self._log_tail()}"
-                        )
-                    try:
-                        r = http.get(f"{url}{path}")
-                        if r.status_code == 200:
-                            break
-                        cause = f"HTTP {r.status_code} from {path}"
-                    except httpx.HTTPError as exc:
-                        cause = f"{type(exc).__name__}: {exc}"
-                    if time.monotonic() > deadline:
-                        raise ServerUnavailable(
-                            f"{self.config.backend} server at {url} not healthy after "
-                            f"{self.config.startup_timeout:g}s ({cause}); {self._log_tail()}"
-                        )
-                    time.sleep(delay)
-                    delay = min(delay * 1.5, 0.5)
+        pending = list(self.urls)
+
+        def give_up(last: BaseException, attempts: int) -> ServerUnavailable:
+            return ServerUnavailable(
+                f"{self.config.backend} server at {pending[0]} not healthy after "
+                f"{self.config.startup_timeout:g}s ({last}); {self._log_tail()}"
+            )
+
+        with httpx.Client(timeout=5.0, headers=auth_headers(self.config.api_key)) as http:
+            polling.call(lambda _: self._poll_health(http, pending, path), _NotHealthy, give_up)
+
+    def _poll_health(self, http: httpx.Client, pending: list[str], path: str) -> None:
+        """Remove the URLs that answer healthy from ``pending``; raise ``_NotHealthy`` with the
+        cause while one does not."""
+        if self._proc is not None and self._proc.poll() is not None:
+            raise ServerUnavailable(
+                f"{self.config.backend} server at {pending[0]} exited with code {self._proc.returncode} "
+                f"during startup; {self._log_tail()}"
+            )
+        while pending:
+            try:
+                r = http.get(f"{pending[0]}{path}")
+            except httpx.HTTPError as exc:
+                raise _NotHealthy(f"{type(exc).__name__}: {exc}") from None
+            if r.status_code != 200:
+                raise _NotHealthy(f"HTTP {r.status_code} from {path}")
+            pending.pop(0)
 
     def _warm_up(self) -> None:
         # One 1-token generation: the first request pays for lazy initialisation, and a
@@ -636,6 +657,10 @@ class ManagedServer:
             return f"log {self.log_path} unreadable"
         tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
         return f"log {self.log_path}: " + " | ".join(tail)
+
+
+class _NotHealthy(Exception):
+    """A health poll that did not get 200 (yet); its message is the cause."""
 
 
 def signal_group(pgid: int, sig: int) -> None:

@@ -37,9 +37,10 @@ moves them by less than any useful tolerance). With a ``probe`` (the trainer's o
 within ``tolerance``. A failed check raises ``WeightSyncError``. A vLLM without the version route
 (before ``/update_weight_version``) is checked by the probe alone.
 
-A server that does not answer (connection refused or reset, timeout) is retried with the same
-budget as generation requests (``max_retries``, ``backoff`` doubling); once it is spent the
-sync raises ``ServerUnreachable``, so the caller can tell a lost server from a refused update.
+A server that does not answer (connection refused or reset, timeout) is retried with the
+policy and budget of generation requests (``retry.RetryPolicy``: ``max_retries``, ``backoff``
+doubling); once it is spent the sync raises ``ServerUnavailable`` (as a lost generation does),
+so the caller can tell a lost server from a refused update (``WeightSyncError``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 
@@ -62,9 +62,8 @@ from .client import (
     ServerUnavailable,
     auth_headers,
 )
-
-if TYPE_CHECKING:  # launch.py re-exports this module's API, so it cannot be imported here
-    from .launch import ManagedServer
+from .launch import ManagedServer
+from .retry import RetryPolicy
 
 Probe = Callable[[list[int], list[int]], list[float]]
 DEFAULT_PROBE_PROMPT = [0, 1, 2, 3, 4, 5, 6, 7]
@@ -74,16 +73,13 @@ class WeightSyncError(RuntimeError):
     """New weights could not be pushed, or the server was not shown to serve them."""
 
 
-class ServerUnreachable(WeightSyncError):
-    """A server did not answer the sync within the retry budget (down, hung or unreachable)."""
+ServerUnreachable = ServerUnavailable
+"""The former name of a server that did not answer the sync within the retry budget."""
 
 
-@dataclass(frozen=True)
-class Retry:
-    """Retries of a sync request that got no answer; ``backoff`` seconds before the first, doubling."""
-
-    max_retries: int = 0
-    backoff: float = 0.5
+Retry = RetryPolicy
+"""Retries of a sync request that got no answer (``Retry(max_retries, backoff)``): the policy
+generation requests follow."""
 
 
 @dataclass
@@ -124,7 +120,7 @@ def sync_weights(
     version: str | None = None,
 ) -> SyncReport:
     """Make every server serve the weights in ``model_dir``; raise ``WeightSyncError`` otherwise
-    (``ServerUnreachable`` when a server did not answer within ``retry``).
+    (``ServerUnavailable`` when a server did not answer within ``retry``).
 
     ``version`` labels the new weights on servers that track one (vLLM, SGLang); None makes a
     label unique to this call, so that a server still on any earlier weights is told apart.
@@ -175,7 +171,7 @@ def sync_weights(
                     push = _update_from_disk if chosen == "disk" else _vllm_reload
                     if push(http, url, model_dir, retry, version if backend != "builtin" else None):
                         labelled.append(url)
-            except WeightSyncError as exc:
+            except (WeightSyncError, ServerUnavailable) as exc:
                 if not (method == "auto" and managed is not None and managed.managed):
                     raise
                 warnings.warn(f"{exc}; restarting the server instead", stacklevel=2)
@@ -251,19 +247,16 @@ def _restart(server: ManagedServer, model_dir: str, recover: bool) -> None:
 
 
 def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, payload: dict | None = None) -> httpx.Response:
-    for attempt in range(retry.max_retries + 1):
-        try:
-            return http.request(method, f"{url}{path}", json=payload)
-        except httpx.TransportError as exc:  # no answer; an HTTP error status is an answer
-            if attempt == retry.max_retries:
-                raise ServerUnreachable(
-                    f"{url}{path} got no answer after {attempt + 1} attempt{'s' if attempt else ''}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from None
-            time.sleep(retry.backoff * 2**attempt)
-        except httpx.HTTPError as exc:
-            raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
-    raise AssertionError("unreachable")
+    def give_up(last: BaseException, attempts: int) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"{url}{path} got no answer after {attempts} attempt{'s' if attempts > 1 else ''}: "
+            f"{type(last).__name__}: {last}"
+        )
+
+    try:  # no answer is retried; an HTTP error status is an answer
+        return retry.call(lambda _: http.request(method, f"{url}{path}", json=payload), httpx.TransportError, give_up)
+    except httpx.HTTPError as exc:
+        raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry, version: str | None) -> bool:
@@ -379,6 +372,8 @@ def _probe_completion(client: RolloutClient, prompt: list[int], tokens: int) -> 
     )
     try:
         return client.generate([request])[0][0]
+    except ServerUnavailable:
+        raise  # a lost server, not weights shown to be wrong
     except RuntimeError as exc:
         raise WeightSyncError(f"probe generation failed: {exc}") from None
 
@@ -474,6 +469,10 @@ def load_adapter(server: ManagedServer, folder: str, name: str) -> None:
     with httpx.Client(timeout=cfg.request_timeout, headers=auth_headers(cfg.api_key)) as http:
         for url in server.urls:
             _load_one(http, url, cfg.backend, name, folder, retry)
+
+
+# A restarted server gets the policy's adapter again through this (launch.py knows no routes).
+ManagedServer.adapter_loader = load_adapter
 
 
 def _sync_adapter(
