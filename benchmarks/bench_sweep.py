@@ -2,6 +2,7 @@
 
     uv run python benchmarks/bench_sweep.py --part pruning      # CPU-seconds: no lock needed
     flock /work/notes/bench.lock timeout 1500 uv run python benchmarks/bench_sweep.py --part workers
+    uv run python benchmarks/bench_sweep.py --part startup      # a trial's fixed cost, CPU-seconds
 
 Searches ``model.lr`` (log-uniform 1e-4..3e-3) x ``data.temperature`` (uniform 0.6..1.2) on the
 CPU default (configs/sat_tiny.yaml) with short runs (``--iterations``, an eval of
@@ -17,6 +18,12 @@ one run late in training (iterations ``--iterations`` - 2 x interval .. ``--iter
 
 ``--part workers``: the random search without pruning with one worker, then with two (two sweep
 processes on one journal, ``--parallel 1`` each), for wall time: run it under the bench lock.
+
+``--part startup``: where a trial's fixed cost goes. The imports of a fresh ``fit`` process
+and of the built-in server's, each in a fresh interpreter; a ``fit`` run of one tiny iteration
+(2 problems x 2 rollouts, evals of 4 problems) started as a fresh process, against the same run
+as a sweep trial forked from the worker's fork server (two trials: the ``cpu_s`` of each, and
+the whole sweep process with its own validation and its fork server).
 
 CPU-seconds: user + system time of the sweep processes and everything they waited for (their
 fork server, the ``fit`` runs and their inference servers), from ``wait4``; "CPU-s (trials)" is
@@ -50,9 +57,9 @@ def fit_args(iterations: int, interval: int, eval_problems: int) -> list[str]:
     return ["--trainer.max_epochs", str(iterations), "--data.eval.interval", str(interval),
             "--data.eval.num_problems", str(eval_problems), "--data.eval.replicates", "2",
             "--data.eval.baseline", "false",
-            "--data.problems_per_iteration", "8", "--data.rollouts_per_problem", "4",
-            "--data.dynamic_sampling", "false", "--model.num_iterations", "1", "--model.steps_per_iteration", "4",
-            "--model.micro_batch_size", "8", "--model.warmup_steps", "4",
+            "--data.problems_per_iteration", "4", "--data.rollouts_per_problem", "4",
+            "--data.dynamic_sampling", "false", "--model.num_iterations", "1", "--model.steps_per_iteration", "2",
+            "--model.micro_batch_size", "8", "--model.warmup_steps", "2",
             "--checkpoint.save_interval", "1000", "--checkpoint.keep_last", "1"]
 
 
@@ -159,13 +166,55 @@ def pruning_vs_unpruned(results: list[dict], args: argparse.Namespace) -> None:
                   f"is {kept['state']} here")
 
 
+TINY = ["--trainer.max_epochs", "1", "--data.problems_per_iteration", "2", "--data.rollouts_per_problem", "2",
+        "--data.eval.num_problems", "4", "--data.eval.replicates", "2", "--data.max_tokens", "8",
+        "--checkpoint.keep_last", "1", "--model.num_iterations", "1", "--model.steps_per_iteration", "1",
+        "--data.dynamic_sampling", "false"]
+
+
+def cpu_of(cmd: list[str], log: Path) -> float:
+    """CPU-seconds of a command and everything it waited for."""
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {shlex.join(cmd)} (see {log})")
+    return usage.ru_utime + usage.ru_stime
+
+
+def startup(root: Path, rounds: int) -> None:
+    py, config = sys.executable, str(ROOT / "configs" / "sat_tiny.yaml")
+    server = ("import torch, uvicorn; from grpo_lightning.models import load_policy, load_tokenizer; "
+              "from grpo_lightning.inference.engine import GenerationEngine; import grpo_lightning.inference.server")
+    rows: dict[str, list[float]] = {}
+    for i in range(rounds):  # interleaved, so that the load hits each alike
+        rows.setdefault("import grpo_lightning.cli (what a fresh fit imports)", []).append(
+            cpu_of([py, "-c", "import grpo_lightning.cli"], root / f"import{i}.log"))
+        rows.setdefault("the built-in server's imports", []).append(cpu_of([py, "-c", server], root / f"server{i}.log"))
+        rows.setdefault("fit, 1 tiny iteration, fresh process (as trials ran before)", []).append(
+            cpu_of([py, "-m", "grpo_lightning", "fit", "--config", config, *TINY, "--trainer.logger.init_args.save_dir",
+                    str(root / f"fresh{i}")], root / f"fresh{i}.log"))
+        name = f"forked{i}"
+        total = cpu_of([py, "-m", "grpo_lightning", "sweep", "--config", config, "--grid", "seed_everything=0,1",
+                        "--root", str(root), "--name", name, "--", *TINY], root / f"{name}.log")
+        with (root / name / "summary.csv").open() as f:
+            trials = [float(r["cpu_s"]) for r in csv.DictReader(f)]
+        rows.setdefault("fit, 1 tiny iteration, sweep trial forked from the fork server", []).extend(trials)
+        rows.setdefault("the sweep of those 2 trials, all processes", []).append(total)
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n| what | CPU-s (each measurement) | mean |\n|---|---|---:|")
+    for what, values in rows.items():
+        print(f"| {what} | {', '.join(f'{v:.1f}' for v in values)} | {statistics.mean(values):.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("pruning", "workers"), default="pruning")
+    p.add_argument("--part", choices=("pruning", "workers", "startup"), default="pruning")
+    p.add_argument("--rounds", type=int, default=2, help="--part startup: measurements of each")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--interval", type=int, default=5)
-    p.add_argument("--eval-problems", type=int, default=48)
+    p.add_argument("--eval-problems", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="keep the sweeps here (default: a temporary dir)")
     p.add_argument("--ways", default=None, help="--part pruning: which searches, comma-separated "
@@ -174,9 +223,13 @@ def main() -> None:
     args = p.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_sweep_"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"{args.part}: {args.trials} trials of {args.iterations} iterations, eval of {args.eval_problems} problems "
-          f"x 2 every {args.interval}; {len(os.sched_getaffinity(0))} cores; sweeps in {root}", flush=True)
+    print(f"{args.part}: " + (f"{args.rounds} rounds" if args.part == "startup" else
+          f"{args.trials} trials of {args.iterations} iterations, eval of {args.eval_problems} problems x 2 every "
+          f"{args.interval}") + f"; {len(os.sched_getaffinity(0))} cores; sweeps in {root}", flush=True)
     t0 = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    if args.part == "startup":
+        startup(root, args.rounds)
+        return
     if args.part == "pruning":
         ways = (args.ways or ",".join(PRUNING)).split(",")
         if args.one_by_one:

@@ -8,7 +8,9 @@
 
 The search (``--grid`` points, ``--sample`` distributions, the grid / random / TPE sampler) is
 an Optuna study; its trials are ``fit`` processes (``python -m grpo_lightning fit --config ...
---model.lr 5e-6 ...``), so a crash or an OOM in one cannot take the others down. Layout:
+--model.lr 5e-6 ...``), so a crash or an OOM in one cannot take the others down. Each is forked
+from the worker's fork server, which has imported torch and Lightning once, so a trial does not
+pay for that import again (see ``FitProcess``). Layout:
 
     lightning_logs/sweeps/<name>/
         study.journal          the Optuna study (unless --storage names another storage)
@@ -176,15 +178,20 @@ PRELOAD = ["grpo_lightning.cli"]
 
 
 def fork_context() -> Any:
+    """The fork server's context; it starts with the first trial and lives as long as this
+    process (sweeps run in one process, e.g. tests, share it)."""
+    import atexit
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    atexit.unregister(stop_fork_server)
+    atexit.register(stop_fork_server)
     return ctx
 
 
 def stop_fork_server() -> None:
-    """Stop this worker's fork server and reap it, so its CPU time (the one import, and the
+    """Stop this process's fork server and reap it, so its CPU time (the one import, and the
     trials it reaped) counts in the worker's. ``_stop`` is private; without it the server still
     exits when the worker does (it watches a pipe from the worker)."""
     from multiprocessing import forkserver
@@ -570,7 +577,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.execute(gpu_sets, threads)
     finally:
-        stop_fork_server()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(worker.write_summary().split("\n## ")[0])

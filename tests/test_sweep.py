@@ -212,6 +212,21 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_trial_process_is_the_fit_command(tmp_path: Path) -> None:
+    """A trial forked from the fork server parses and exits as ``python -m grpo_lightning fit``
+    would: its output in the log, its exit code, its CPU time."""
+    log = tmp_path / "output.log"
+    ok = sweep.FitProcess(["fit", "--config", CONFIG, "--model.lr", "0.0123", "--print_config"], log,
+                          sweep.child_env(None, 1))
+    assert ok.poll(block=True) == 0 and ok.cpu_s > 0
+    printed = yaml.safe_load(log.read_text()[log.read_text().index("seed_everything:"):])
+    assert printed["model"]["lr"] == 0.0123 and printed["trainer"]["max_epochs"] == 120
+    bad = sweep.FitProcess(["fit", "--config", CONFIG, "--model.lrr", "1"], log, sweep.child_env(None, None))
+    assert bad.poll(block=True) == 2
+    assert log.read_text().splitlines()[-1].startswith("error: ") and "model.lrr" in log.read_text()
+
+
+@pytest.mark.slow
 def test_sigterm_stops_every_run_and_its_server(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "stopped"
     argv = ["--config", CONFIG, "--grid", "model.lr=1e-3,2e-3,3e-3", "--parallel", "2", "--root", str(tmp_path),
