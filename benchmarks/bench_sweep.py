@@ -51,22 +51,22 @@ PRUNING = {"random": ["--sampler", "random"], "random-asha": ["--sampler", "rand
 SPACE = ["--sample", "model.lr=loguniform:1e-4:3e-3", "--sample", "data.temperature=uniform:0.6:1.2"]
 
 
-def fit_args(iterations: int, interval: int, eval_problems: int) -> list[str]:
-    """The sat_tiny run shrunk to a few CPU-seconds per iteration. The baseline eval is off: it
-    is neither the objective nor reported to the pruner."""
-    return ["--trainer.max_epochs", str(iterations), "--data.eval.interval", str(interval),
-            "--data.eval.num_problems", str(eval_problems), "--data.eval.replicates", "2",
-            "--data.eval.baseline", "false",
-            "--data.problems_per_iteration", "4", "--data.rollouts_per_problem", "4",
-            "--data.dynamic_sampling", "false", "--model.num_iterations", "1", "--model.steps_per_iteration", "2",
-            "--model.micro_batch_size", "8", "--model.warmup_steps", "2",
-            "--checkpoint.save_interval", "1000", "--checkpoint.keep_last", "1"]
+def fit_args(args: argparse.Namespace) -> list[str]:
+    """The sat_tiny run shrunk to a few CPU-seconds per iteration. The baseline eval is off
+    unless ``--baseline``: it is neither the objective nor reported to the pruner."""
+    return ["--trainer.max_epochs", str(args.iterations), "--data.eval.interval", str(args.interval),
+            "--data.eval.num_problems", str(args.eval_problems), "--data.eval.replicates", "2",
+            "--data.eval.baseline", str(args.baseline).lower(),
+            "--data.problems_per_iteration", str(args.problems), "--data.rollouts_per_problem", "4",
+            "--data.dynamic_sampling", "false", "--model.num_iterations", str(args.passes),
+            "--model.steps_per_iteration", str(args.steps), "--model.micro_batch_size", "8",
+            "--model.warmup_steps", str(args.steps), "--checkpoint.save_interval", "1000", "--checkpoint.keep_last", "1"]
 
 
 def start(root: Path, name: str, workers: int, extra: list[str], args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "grpo_lightning", "sweep", "--config", str(ROOT / "configs" / "sat_tiny.yaml"),
            *SPACE, "--trials", str(args.trials), "--seed", str(args.seed), "--parallel", "1",
-           "--root", str(root), "--name", name, *extra, "--", *fit_args(args.iterations, args.interval, args.eval_problems)]
+           "--root", str(root), "--name", name, *extra, "--", *fit_args(args)]
     print("$ " + shlex.join(cmd[1:]) + (f"   (x{workers} workers)" if workers > 1 else ""), flush=True)
     procs = []
     t0 = time.monotonic()
@@ -216,6 +216,10 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--eval-problems", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--problems", type=int, default=4, help="problems per iteration (x 4 rollouts)")
+    p.add_argument("--passes", type=int, default=1, help="model.num_iterations: passes over each batch")
+    p.add_argument("--steps", type=int, default=2, help="model.steps_per_iteration (and the lr warm-up steps)")
+    p.add_argument("--baseline", action="store_true", help="keep the baseline eval in every trial")
     p.add_argument("--root", default=None, help="keep the sweeps here (default: a temporary dir)")
     p.add_argument("--ways", default=None, help="--part pruning: which searches, comma-separated "
                    f"(default: {','.join(PRUNING)})")

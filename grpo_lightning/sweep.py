@@ -190,6 +190,15 @@ def fork_context() -> Any:
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the fork server and wait until it has imported the training stack (by forking a
+    child that does nothing), before the worker handles signals: a Ctrl-C meanwhile just ends
+    the worker, with no trial started."""
+    proc = fork_context().Process(target=int)
+    proc.start()
+    proc.join()
+
+
 def stop_fork_server() -> None:
     """Stop this process's fork server and reap it, so its CPU time (the one import, and the
     trials it reaped) counts in the worker's. ``_stop`` is private; without it the server still
@@ -572,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {worker.name}: {search.sampler} sampler, {args.pruner} pruner, {search.trials} trials, "
           f"{done} finished before" + (f", retrying {len(retried)}" if retried else "")
           + f"; study in {args.storage or worker.dir / 'study.journal'}", flush=True)
+    try:
+        start_fork_server()
+    except KeyboardInterrupt:
+        return SIGNAL_EXIT[signal.SIGINT]
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _frame: worker.stop_signals.append(signum)) for s in handled}
     try:
