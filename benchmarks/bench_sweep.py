@@ -5,8 +5,11 @@
     uv run python benchmarks/bench_sweep.py --part startup      # a trial's fixed cost, CPU-seconds
 
 Searches ``model.lr`` (log-uniform 1e-4..3e-3) x ``data.temperature`` (uniform 0.6..1.2) on the
-CPU default (configs/sat_tiny.yaml) with short runs (``--iterations``, an eval of
-``--eval-problems`` problems x 2 every ``--interval`` iterations, no baseline eval).
+CPU default (configs/sat_tiny.yaml) with short runs: ``--iterations`` (30) iterations of
+``--problems`` (4) problems x 4 rollouts, ``--passes`` (1) x ``--steps`` (2) optimizer steps,
+an eval of ``--eval-problems`` (32) problems x 2 every ``--interval`` (5) iterations, no
+baseline eval (``--baseline`` keeps it). The previous run's shape: ``--trials 6 --iterations 10
+--interval 2 --eval-problems 16 --problems 8 --passes 2 --steps 4 --baseline``.
 
 ``--part pruning``: random without pruning, random + ASHA and TPE + ASHA, one worker
 (``--parallel 1``) each, the three at the same time (``--one-by-one`` to run them in turn):

@@ -219,6 +219,19 @@ def run_fit(argv: list[str], log_path: str, env: dict[str, str], cpu_s: Any) -> 
     import atexit
     import resource
 
+    def record() -> None:
+        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu_s.value = sum(u.ru_utime + u.ru_stime for u in usage)
+
+    def record_and_die(signum: int, _frame: Any) -> None:
+        # fit's own handlers stop its inference server first and then call this one, so the
+        # server's CPU time is counted; then the run ends by the signal, as a fresh fit would.
+        record()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, record_and_die)
     os.setsid()
     os.environ.clear()
     os.environ.update(env)
@@ -241,8 +254,7 @@ def run_fit(argv: list[str], log_path: str, env: dict[str, str], cpu_s: Any) -> 
         code = fit_main()
     finally:
         atexit._run_exitfuncs()  # the server clean-up hooks; a forked child skips atexit
-        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        cpu_s.value = sum(u.ru_utime + u.ru_stime for u in usage)
+        record()
         sys.stdout.flush()
         sys.stderr.flush()
     raise SystemExit(code)

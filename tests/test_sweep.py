@@ -207,6 +207,8 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
     assert not (run_dir / "metrics" / "eval_iter_003.json").exists()
     port = (run_dir / "server.log").read_text().split("--port ")[1].split()[0]
     assert not processes_with(f"--port {port} ") and not Path(f"/proc/{t.user_attrs['pid']}").exists()
+    assert t.user_attrs["returncode"] == -signal.SIGTERM  # ended by the signal, as a fresh fit would
+    assert t.user_attrs["cpu_s"] > 0  # counted although the run died by the signal
     rows = read_csv(sweep_dir / "summary.csv")
     assert [(r["state"], r["status"]) for r in rows] == [("complete", "ok")] * 5 + [("pruned", "pruned")]
 
