@@ -174,7 +174,7 @@ def now() -> str:
 # trial is a fork of it: still its own process (crash isolation, process group, signals, exit
 # code), without the import. The fork server never initialises CUDA or a thread pool, so its
 # children set up both from their own environment.
-PRELOAD = ["grpo_lightning.cli"]
+PRELOAD = ["grpo_lightning.cli", "grpo_lightning.sweep"]  # the second holds run_fit, each trial's entry point
 
 
 def fork_context() -> Any:
