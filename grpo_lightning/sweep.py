@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{done} finished before" + (f", retrying {len(retried)}" if retried else "")
           + f"; study in {args.storage or worker.dir / 'study.journal'}", flush=True)
     try:
-        start_fork_server()
+        if done < search.trials or retried:  # else the study is likely done: no import for nothing
+            start_fork_server()
     except KeyboardInterrupt:
         return SIGNAL_EXIT[signal.SIGINT]
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
