@@ -30,6 +30,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "intuniform", "choice")
 JOURNAL = "study.journal"
 # Seeds of successive asks are far apart so that trial n's draw never repeats trial m's.
 SEED_STRIDE = 1_000_003
+ASHA_REDUCTION = 3  # see make_pruner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is the sweep's own
 
@@ -224,11 +225,13 @@ class Search:
 def make_pruner(name: str, first_eval: int) -> optuna.pruners.BasePruner:
     """``median``: stop a trial whose eval is below the median of the other trials' evals at the
     same iteration (after 5 trials have finished). ``asha``: asynchronous successive halving,
-    rungs at ``first_eval`` x 4^k iterations, keeping the best quarter of each rung."""
+    rungs at ``first_eval`` x 3^k iterations, keeping the best third of each rung: a third
+    rather than Optuna's default quarter, because a short run's early evals differ by little
+    more than their noise, and a trial cut at a rung never comes back."""
     if name == "median":
         return optuna.pruners.MedianPruner()
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval, reduction_factor=ASHA_REDUCTION)
     return optuna.pruners.NopPruner()
 
 

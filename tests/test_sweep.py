@@ -189,33 +189,50 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
     sweep_dir.mkdir()
     storage = JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
     study = optuna.create_study(storage=storage, study_name="pruned", direction="maximize")
-    dist = {"data.eval.seed_start": CategoricalDistribution(["100000", "300000"])}
+    dist = {"data.eval.seed_start": CategoricalDistribution(["100000"])}
     for _ in range(5):
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.0, params={"data.eval.seed_start": "300000"},
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.0, params={"data.eval.seed_start": "100000"},
                                      distributions=dist, intermediate_values={1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}))
-    argv = ["--config", CONFIG, "--grid", "data.eval.seed_start=100000,300000", "--pruner", "median", "--root", str(tmp_path),
+    argv = ["--config", CONFIG, "--grid", "data.eval.seed_start=100000", "--pruner", "median", "--root", str(tmp_path),
             "--name", "pruned", "--", *TINY[2:], "--trainer.max_epochs", "4", "--data.eval.interval", "1"]
-    # the grid sampler sees 2 points and 5 trials without grid ids: it hands out both points.
+    # the grid sampler sees 1 point and 5 trials without grid ids: it hands out the point.
     assert sweep.main(argv) == 0
     trials = load_study(sweep_dir).get_trials()[5:]
-    assert len(trials) == 2 and all(t.state == TrialState.PRUNED for t in trials)
-    for t in trials:
-        assert 0 not in t.intermediate_values and min(t.intermediate_values) == 1
-        assert max(t.intermediate_values) < 4  # stopped before its last iteration
-        run_dir = sweep_dir / t.user_attrs["run_dir"]
-        assert t.intermediate_values[1] == json.loads((run_dir / "metrics" / "eval_iter_000.json").read_text())["success_rate"]
-        assert not (run_dir / "metrics" / "eval_iter_003.json").exists()
-        port = (run_dir / "server.log").read_text().split("--port ")[1].split()[0]
-        assert not processes_with(f"--port {port} ") and not Path(f"/proc/{t.user_attrs['pid']}").exists()
+    assert len(trials) == 1 and trials[0].state == TrialState.PRUNED
+    t = trials[0]
+    assert 0 not in t.intermediate_values and min(t.intermediate_values) == 1
+    assert max(t.intermediate_values) < 4  # stopped before its last iteration
+    run_dir = sweep_dir / t.user_attrs["run_dir"]
+    assert t.intermediate_values[1] == json.loads((run_dir / "metrics" / "eval_iter_000.json").read_text())["success_rate"]
+    assert not (run_dir / "metrics" / "eval_iter_003.json").exists()
+    port = (run_dir / "server.log").read_text().split("--port ")[1].split()[0]
+    assert not processes_with(f"--port {port} ") and not Path(f"/proc/{t.user_attrs['pid']}").exists()
+    assert t.user_attrs["returncode"] == -signal.SIGTERM  # ended by the signal, as a fresh fit would
+    assert t.user_attrs["cpu_s"] > 0  # counted although the run died by the signal
     rows = read_csv(sweep_dir / "summary.csv")
-    assert [(r["state"], r["status"]) for r in rows] == [("complete", "ok")] * 5 + [("pruned", "pruned")] * 2
+    assert [(r["state"], r["status"]) for r in rows] == [("complete", "ok")] * 5 + [("pruned", "pruned")]
+
+
+@pytest.mark.slow
+def test_trial_process_is_the_fit_command(tmp_path: Path) -> None:
+    """A trial forked from the fork server parses and exits as ``python -m grpo_lightning fit``
+    would: its output in the log, its exit code, its CPU time."""
+    log = tmp_path / "output.log"
+    ok = sweep.FitProcess(["fit", "--config", CONFIG, "--model.lr", "0.0123", "--print_config"], log,
+                          sweep.child_env(None, 1))
+    assert ok.poll(block=True) == 0 and ok.cpu_s > 0
+    printed = yaml.safe_load(log.read_text()[log.read_text().index("seed_everything:"):])
+    assert printed["model"]["lr"] == 0.0123 and printed["trainer"]["max_epochs"] == 120
+    bad = sweep.FitProcess(["fit", "--config", CONFIG, "--model.lrr", "1"], log, sweep.child_env(None, None))
+    assert bad.poll(block=True) == 2
+    assert log.read_text().splitlines()[-1].startswith("error: ") and "model.lrr" in log.read_text()
 
 
 @pytest.mark.slow
 def test_sigterm_stops_every_run_and_its_server(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "stopped"
     argv = ["--config", CONFIG, "--grid", "model.lr=1e-3,2e-3,3e-3", "--parallel", "2", "--root", str(tmp_path),
-            "--name", "stopped", "--stop-timeout", "20", "--", "--trainer.max_epochs", "50"]
+            "--name", "stopped", "--stop-timeout", "20", "--", *TINY[2:], "--trainer.max_epochs", "50"]
 
     done = threading.Event()
 
