@@ -7,9 +7,10 @@ switched off, so no second copy of the model is held.
 
 After each iteration only the adapter is written (a standard PEFT folder: ``adapter_config.json``
 + ``adapter_model.safetensors``, ``is_adapter_folder``) and sent to the server as an adapter
-(``weight_sync.sync_adapter``). The built-in server merges it into its base weights
-(``merged_tensors``, the exact arithmetic of PEFT's ``merge_and_unload``), so its weights checksum
-(``merged_checksum``) proves which adapter it serves.
+(``weight_sync.sync_adapter``). The built-in server merges it into the base weights it keeps
+in memory (``merge_adapter``, the arithmetic of PEFT's ``merge_and_unload``) and reports a
+checksum of the adapter it applied on top of its base's (``with_adapter_checksum``), which the
+trainer recomputes from the adapter it saved.
 
     python -m grpo_lightning export --adapter RUN/checkpoints/iter_119 --out merged/
 
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +156,8 @@ def adapter_rank(folder: str | Path) -> int:
 # ---------------------------------------------------------------------- merging (server side)
 
 
-def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """``alpha / r`` and, per base weight name, the adapter's ``(A, B)``."""
+def read_adapter(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``alpha / r`` and, per base weight name, the adapter's ``(A, B)``: what a server applies."""
     from safetensors.torch import load_file
 
     # adapter_config.json read directly: importing PEFT would cost the server seconds at its first adapter.
@@ -183,38 +185,60 @@ def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[
     return config["lora_alpha"] / config["r"], {k: (p["A"], p["B"]) for k, p in pairs.items()}
 
 
-def merged_tensors(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapted weights ``W + (B @ A) * alpha / r`` (only those the adapter changes), computed
-    in fp32 on the CPU from the base folder's stored weights (PEFT's merge arithmetic), then cast
-    to ``dtype``. Trainer and server compute it with this one function, so checksums agree."""
-    from safetensors import safe_open
-
-    from .inference.weights import safetensors_files
-
-    scaling, pairs = _scaling_and_pairs(adapter_dir)
+def merge_adapter(
+    base: Mapping[str, torch.Tensor], scaling: float, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The adapted weights ``W + (B @ A) * alpha / r`` of the weights the adapter changes, from
+    ``base`` (those weights before any adapter), in fp32 on the CPU (PEFT's merge arithmetic),
+    then cast to ``dtype``."""
     out: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(base_dir):
-        with safe_open(str(f), framework="pt") as handle:
-            for key in set(handle.keys()) & set(pairs):
-                a, b = pairs[key]
-                w = handle.get_tensor(key).float()
-                delta = b.float() @ a.float()
-                if delta.shape != w.shape:
-                    raise ValueError(f"adapter shape {tuple(delta.shape)} does not fit {key} {tuple(w.shape)}")
-                out[key] = (w + delta * scaling).to(dtype)
-    missing = sorted(set(pairs) - set(out))
-    if missing:
-        raise ValueError(f"the adapter changes weights the base model {base_dir} does not have: {missing[:3]}")
+    for key, (a, b) in pairs.items():
+        if key not in base:
+            raise ValueError(f"the adapter changes a weight the base model does not have: {key}")
+        w = base[key].to("cpu", torch.float32)
+        delta = b.float() @ a.float()
+        if delta.shape != w.shape:
+            raise ValueError(f"adapter shape {tuple(delta.shape)} does not fit {key} {tuple(w.shape)}")
+        out[key] = (w + delta * scaling).to(dtype)
     return out
 
 
-def merged_checksum(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype | str) -> str:
-    """The weights checksum of ``base_dir`` with the adapter merged, as a server holding it in
-    ``dtype`` reports it (``weights.folder_checksum`` of the merged model)."""
-    from .inference.weights import DTYPES, load_checkpoint, state_dict_checksum
+def adapter_checksum(scaling: float, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """The checksum of an adapter as applied: its scale and every ``(A, B)`` by the weight it changes."""
+    from .inference.weights import state_dict_checksum
 
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return state_dict_checksum({**load_checkpoint(base_dir, dtype), **merged_tensors(base_dir, adapter_dir, dtype)})
+    tensors = {f"{key}|{part}": t for key, pair in pairs.items() for part, t in zip("AB", pair, strict=True)}
+    return hashlib.sha256(f"{scaling!r}|{state_dict_checksum(tensors)}".encode()).hexdigest()[:16]
+
+
+def with_adapter_checksum(base_checksum: str, adapter: str) -> str:
+    """The weights checksum of a built-in server serving the base weights of checksum
+    ``base_checksum`` with the adapter of checksum ``adapter`` merged. Both sides compute it from
+    the adapter alone (the base's checksum is known once per run): verifying a sync costs the
+    adapter's size, not the model's."""
+    return hashlib.sha256(f"{base_checksum}+{adapter}".encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _base_checksum(folder: str, dtype: str, stamp: tuple) -> str:
+    from .inference.weights import folder_checksum
+
+    return folder_checksum(folder, dtype)
+
+
+def base_checksum(folder: str | Path, dtype: str) -> str:
+    """``weights.folder_checksum`` of a base model, computed once per process (and again if its
+    files change): every adapter sync of a run checks against the same base."""
+    from .inference.weights import safetensors_files
+
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in safetensors_files(folder))
+    return _base_checksum(str(folder), dtype, stamp)
+
+
+def served_checksum(base_dir: str | Path, adapter_dir: str | Path, dtype: str) -> str:
+    """The checksum a built-in server serving ``base_dir`` in ``dtype`` reports with the adapter
+    in ``adapter_dir`` loaded."""
+    return with_adapter_checksum(base_checksum(base_dir, dtype), adapter_checksum(*read_adapter(adapter_dir)))
 
 
 # ---------------------------------------------------------------------- export command
