@@ -72,6 +72,21 @@ def check_args(lora: LoraArgs) -> None:
         raise ValueError(f"invalid LoRA config: {values} (rank >= 1, alpha > 0, 0 <= dropout < 1, target_modules not empty)")
 
 
+def check_strategy(enabled: bool, strategy: object) -> None:
+    """LoRA trains in one process or under DDP (every rank holds the frozen base and the
+    adapters, whose gradients DDP averages); a sharding strategy is refused, naming the keys,
+    before any model or server starts: sharding the adapted model, its adapter-only checkpoint
+    and the reference under ``disable_adapter`` are not built."""
+    if not enabled or strategy is None:
+        return
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None) or type(strategy).__name__
+    if any(s in str(name).lower() for s in ("fsdp", "modelparallel", "deepspeed")):
+        raise ValueError(
+            f"model.lora.enabled=true cannot run with trainer.strategy={name}: LoRA is not sharded; use "
+            "trainer.strategy ddp (only the small adapters are trained and averaged) or model.lora.enabled false"
+        )
+
+
 def check_targets(model: torch.nn.Module, lora: LoraArgs) -> None:
     """Every target module names a linear layer of ``model``, and none is its output layer."""
     names = [n for n, _ in model.named_modules()]

@@ -65,7 +65,10 @@ def lora_module(seed: int = 0, **lora) -> GRPOModule:
 @pytest.mark.parametrize(
     ("args", "key"),
     [(["--model.lora.rank", "0"], "model.lora.rank=0"), (["--model.lora.alpha", "0"], "model.lora.alpha=0.0"),
-     (["--data.server.sync", "disk"], "data.server.sync='disk'")],
+     (["--data.server.sync", "disk"], "data.server.sync='disk'"),
+     (["--trainer.strategy", "fsdp"], "model.lora.enabled=true cannot run with trainer.strategy=fsdp"),
+     (["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.devices", "2"],
+      "trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy")],
 )
 def test_bad_lora_settings_stop_before_anything_runs_with_one_line(args, key, tmp_path, capsys) -> None:
     code = main(["fit", "--config", str(ROOT / "configs" / "sat_tiny_lora.yaml"),
@@ -382,3 +385,41 @@ def test_a_lora_run_resumes_exactly_from_last_ckpt(tmp_path) -> None:
     # last.ckpt holds the adapters (and their optimizer state), not the frozen base.
     state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert len(state) == len(a) and all("lora_" in k for k in state)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two runs, one of them two processes plus a server
+def test_lora_under_ddp_trains_the_adapters_of_one_process(tmp_path) -> None:
+    """One LoRA iteration (a KL term against the adapters-off reference, two passes of two
+    steps) on two DDP ranks against the same iteration in one process: both ranks end with the
+    same adapters, equal to the single process's (DDP averages the adapters' gradients; the
+    frozen base takes no part)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import load
+    from test_training import TINY
+
+    config = str(ROOT / "configs" / "sat_tiny_lora.yaml")
+    common = ["--config", config, *TINY, "--trainer.max_epochs", "1", "--data.eval.num_problems", "0",
+              "--model.kl_coef", "0.05", "--model.num_iterations", "2", "--model.steps_per_iteration", "2",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(["fit", *common, "--trainer.logger.init_args.name", "single"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "grpo_lightning", "fit", *common, "--trainer.logger.init_args.name", "ddp",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.callbacks+=ddp_probe.WeightDigest"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = tmp_path / "single" / "version_0", tmp_path / "ddp" / "version_0"
+    assert (ddp / "digest_rank0.txt").read_text() == (ddp / "digest_rank1.txt").read_text()
+    m, ref = load(ddp / "metrics" / "train_iter_000.json"), load(single / "metrics" / "train_iter_000.json")
+    assert m["problem_seeds"] == ref["problem_seeds"] and m["train/tokens"] == ref["train/tokens"]
+    assert m["train/optimizer_steps"] == ref["train/optimizer_steps"] >= 1
+    assert m["train/kl/mean"] > 0 and m["sync/method"] == "adapter" and m["sync/verified"]
+    a = load_file(ddp / "checkpoints" / "iter_000" / "adapter_model.safetensors")
+    b = load_file(single / "checkpoints" / "iter_000" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-4  # it trained (B starts at 0)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
