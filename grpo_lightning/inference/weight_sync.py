@@ -15,9 +15,10 @@ Methods, fastest first:
   generation for this: sync between rollout phases, with no request in flight (the trainer does).
 * ``adapter`` (a PEFT adapter folder, from LoRA training; any backend): ``POST
   /v1/load_lora_adapter`` (built-in, vLLM) or ``/load_lora_adapter`` (SGLang) under a name
-  derived from the adapter's weights, then the previous adapter is unloaded; requests name the
-  adapter from then on (``ManagedServer.adapter``). A managed server that refuses it is
-  restarted and given the adapter again. See ``sync_adapter``.
+  derived from the adapter's weights, then the previous adapter is unloaded and (vLLM, SGLang)
+  ``POST /update_weight_version`` labels the new weights; requests name the adapter from then
+  on (``ManagedServer.adapter``). A managed server that refuses it is restarted and given the
+  adapter again. See ``_sync_adapter``.
 * ``restart`` (any managed server): stop it and start it on DIR. Always works; costs a process
   start and a full model load (tens of seconds to minutes on a real model).
 
@@ -27,7 +28,8 @@ whose process has exited is restarted on the new weights whatever the method.
 
 After the push the servers are checked, so that training never silently continues against
 stale weights: the built-in server's weights checksum must equal the folder's
-(``weights.folder_checksum``); vLLM and SGLang label the weights of an in-place update with a
+(``weights.folder_checksum``; for an adapter, ``lora.with_adapter_checksum`` of the base's and
+the adapter's, so that verifying costs the adapter's size); vLLM and SGLang label the weights of an in-place update with a
 version unique to this sync (SGLang through ``weight_version`` in the update request) and report,
 with each completion, the version that sampled it (vLLM's ``weight_versions`` when asked with
 ``return_weight_versions``, SGLang's ``meta_info``): a short completion must carry the new label.
