@@ -7,8 +7,8 @@ switched off, so no second copy of the model is held.
 
 After each iteration only the adapter is written (a standard PEFT folder: ``adapter_config.json``
 + ``adapter_model.safetensors``, ``is_adapter_folder``) and sent to the server as an adapter
-(``weight_sync.sync_adapter``). The built-in server merges it into the base weights it keeps
-in memory (``merge_adapter``, the arithmetic of PEFT's ``merge_and_unload``) and reports a
+(``weight_sync.sync_adapter``). The built-in server merges it into its weights from the base
+weights it keeps in memory (``merge_into``, the arithmetic of PEFT's ``merge_and_unload``) and reports a
 checksum of the adapter it applied on top of its base's (``with_adapter_checksum``), which the
 trainer recomputes from the adapter it saved.
 
@@ -200,21 +200,36 @@ def read_adapter(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.
     return config["lora_alpha"] / config["r"], {k: (p["A"], p["B"]) for k, p in pairs.items()}
 
 
+def check_fits(shapes: Mapping[str, torch.Size], pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Raise ValueError unless every ``(A, B)`` changes a weight of ``shapes`` (name to shape) and fits it."""
+    for key, (a, b) in pairs.items():
+        if key not in shapes:
+            raise ValueError(f"the adapter changes a weight the base model does not have: {key}")
+        if (b.shape[0], a.shape[1]) != tuple(shapes[key]) or b.shape[1] != a.shape[0]:
+            raise ValueError(f"adapter shape {(b.shape[0], a.shape[1])} does not fit {key} {tuple(shapes[key])}")
+
+
+def merge_into(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``out = base + (B @ A) * scaling``, in fp32 (PEFT's merge arithmetic), then cast to
+    ``out``'s dtype. An fp32 CPU ``out`` (the CPU server's weights) is computed in place: no
+    temporary the size of the weight."""
+    if out.dtype == torch.float32 and out.device.type == "cpu":
+        torch.matmul(b.float(), a.float(), out=out)
+        out.mul_(scaling).add_(base.float())
+    else:
+        dev = out.device
+        out.copy_((b.to(dev, torch.float32) @ a.to(dev, torch.float32)).mul_(scaling).add_(base.to(dev, torch.float32)))
+
+
 def merge_adapter(
     base: Mapping[str, torch.Tensor], scaling: float, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """The adapted weights ``W + (B @ A) * alpha / r`` of the weights the adapter changes, from
-    ``base`` (those weights before any adapter), in fp32 on the CPU (PEFT's merge arithmetic),
-    then cast to ``dtype``."""
-    out: dict[str, torch.Tensor] = {}
+    ``base`` (those weights before any adapter), as ``merge_into`` computes them, in ``dtype``."""
+    check_fits({k: t.shape for k, t in base.items()}, pairs)
+    out = {key: torch.empty(base[key].shape, dtype=dtype) for key in pairs}
     for key, (a, b) in pairs.items():
-        if key not in base:
-            raise ValueError(f"the adapter changes a weight the base model does not have: {key}")
-        w = base[key].to("cpu", torch.float32)
-        delta = b.float() @ a.float()
-        if delta.shape != w.shape:
-            raise ValueError(f"adapter shape {tuple(delta.shape)} does not fit {key} {tuple(w.shape)}")
-        out[key] = (w + delta * scaling).to(dtype)
+        merge_into(out[key], base[key], a, b, scaling)
     return out
 
 

@@ -60,6 +60,10 @@ from .protocol import (
 
 if TYPE_CHECKING:
     # torch loads lazily: a bad command line fails in a second, not after the torch import.
+    from collections.abc import Callable
+
+    import torch
+
     from .engine import GenerationEngine, SequenceOutput
 
 log = logging.getLogger("grpo_lightning.server")
@@ -392,32 +396,43 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             }
         )
 
-    def merge(path: str | None) -> tuple[dict, set, str]:
-        """The weights to swap in for the adapter at ``path`` (None: the base alone), the weights
-        it changes, and the checksum of what is then served. Runs off the event loop."""
-        from ..lora import adapter_checksum, merge_adapter, read_adapter, with_adapter_checksum
+    def merge(path: str | None) -> tuple[Callable[[torch.nn.Module], None], set, str]:
+        """What serving the adapter at ``path`` (None: the base alone) takes: a function that
+        merges it into the model's weights in place (run by the engine between steps), the
+        weights it changes, and the checksum of what is then served. Runs off the event loop."""
+        from ..lora import (
+            adapter_checksum,
+            check_fits,
+            merge_into,
+            read_adapter,
+            with_adapter_checksum,
+        )
 
         scaling, pairs = read_adapter(path) if path else (1.0, {})
         params = engine.model.state_dict()
-        unknown = sorted(set(pairs) - set(params))
-        if unknown:
-            raise ValueError(f"the adapter changes weights the served model does not have: {unknown[:3]}")
+        check_fits({k: t.shape for k, t in params.items()}, pairs)
         base = adapter["base_weights"]
         for key in set(pairs) - set(base):
             # Not changed by the adapter now served (those are all kept already): still the base.
             base[key] = params[key].detach().to("cpu", copy=True)
-        merged = merge_adapter(base, scaling, pairs, engine.dtype)
-        engine.check_weights(merged, partial=True)
         # Weights the previous adapter changed and this one does not go back to the base.
-        merged.update({k: base[k] for k in adapter["keys"] - set(merged)})
+        restore = adapter["keys"] - set(pairs)
+
+        def apply(model: torch.nn.Module) -> None:
+            weights = model.state_dict()
+            for key, (a, b) in pairs.items():
+                merge_into(weights[key], base[key], a, b, scaling)
+            for key in restore:
+                weights[key].copy_(base[key])
+
         checksum = adapter["base_checksum"]
-        return merged, set(pairs), with_adapter_checksum(checksum, adapter_checksum(scaling, pairs)) if path else checksum
+        return apply, set(pairs), with_adapter_checksum(checksum, adapter_checksum(scaling, pairs)) if path else checksum
 
     async def set_adapter(name: str | None, path: str | None) -> str:
         """Serve the base weights with the adapter at ``path`` merged (None: the base alone);
         returns the served weights' checksum."""
-        merged, keys, checksum = await asyncio.to_thread(merge, path)
-        await engine.swap_weights(merged, checksum, engine.model_path)
+        apply, keys, checksum = await asyncio.to_thread(merge, path)
+        await engine.swap_weights(apply, checksum, engine.model_path)
         adapter.update(name=name, keys=keys)
         return checksum
 
