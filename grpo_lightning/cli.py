@@ -37,6 +37,7 @@ from .commands import EXTRA_SUBCOMMANDS, run_extra
 from .data import RolloutDataModule
 from .inference.client import GenerationError, ServerUnavailable
 from .inference.weight_sync import WeightSyncError
+from .lora import check_strategy
 from .module import GRPOModule, NonFiniteError
 from .runfiles import write_json_atomic
 
@@ -122,7 +123,9 @@ class GRPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand in ("fit", "validate"):
-            resolve_last_checkpoint(self.config[self.subcommand])
+            config = self.config[self.subcommand]
+            check_strategy(bool(config.get("model.lora.enabled")), config.get("trainer.strategy"))
+            resolve_last_checkpoint(config)
 
     def validate(self, model: GRPOModule, datamodule: RolloutDataModule, ckpt_path: str | None = None, **_: Any) -> None:
         """Evaluate a policy (the config's model, or ``--ckpt_path``) on the eval set."""

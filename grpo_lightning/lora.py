@@ -7,9 +7,10 @@ switched off, so no second copy of the model is held.
 
 After each iteration only the adapter is written (a standard PEFT folder: ``adapter_config.json``
 + ``adapter_model.safetensors``, ``is_adapter_folder``) and sent to the server as an adapter
-(``weight_sync.sync_adapter``). The built-in server merges it into its base weights
-(``merged_tensors``, the exact arithmetic of PEFT's ``merge_and_unload``), so its weights checksum
-(``merged_checksum``) proves which adapter it serves.
+(``weight_sync.sync_adapter``). The built-in server merges it into its weights from the base
+weights it keeps in memory (``merge_into``, the arithmetic of PEFT's ``merge_and_unload``) and reports a
+checksum of the adapter it applied on top of its base's (``with_adapter_checksum``), which the
+trainer recomputes from the adapter it saved.
 
     python -m grpo_lightning export --adapter RUN/checkpoints/iter_119 --out merged/
 
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,21 @@ def check_args(lora: LoraArgs) -> None:
     if wrong:
         values = ", ".join(f"model.lora.{k}={getattr(lora, k)!r}" for k in wrong)
         raise ValueError(f"invalid LoRA config: {values} (rank >= 1, alpha > 0, 0 <= dropout < 1, target_modules not empty)")
+
+
+def check_strategy(enabled: bool, strategy: object) -> None:
+    """LoRA trains in one process or under DDP (every rank holds the frozen base and the
+    adapters, whose gradients DDP averages); a sharding strategy is refused, naming the keys,
+    before any model or server starts: sharding the adapted model, its adapter-only checkpoint
+    and the reference under ``disable_adapter`` are not built."""
+    if not enabled or strategy is None:
+        return
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None) or type(strategy).__name__
+    if any(s in str(name).lower() for s in ("fsdp", "modelparallel", "deepspeed")):
+        raise ValueError(
+            f"model.lora.enabled=true cannot run with trainer.strategy={name}: LoRA is not sharded; use "
+            "trainer.strategy ddp (only the small adapters are trained and averaged) or model.lora.enabled false"
+        )
 
 
 def check_targets(model: torch.nn.Module, lora: LoraArgs) -> None:
@@ -154,8 +171,8 @@ def adapter_rank(folder: str | Path) -> int:
 # ---------------------------------------------------------------------- merging (server side)
 
 
-def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """``alpha / r`` and, per base weight name, the adapter's ``(A, B)``."""
+def read_adapter(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``alpha / r`` and, per base weight name, the adapter's ``(A, B)``: what a server applies."""
     from safetensors.torch import load_file
 
     # adapter_config.json read directly: importing PEFT would cost the server seconds at its first adapter.
@@ -183,38 +200,75 @@ def _scaling_and_pairs(adapter_dir: str | Path) -> tuple[float, dict[str, tuple[
     return config["lora_alpha"] / config["r"], {k: (p["A"], p["B"]) for k, p in pairs.items()}
 
 
-def merged_tensors(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapted weights ``W + (B @ A) * alpha / r`` (only those the adapter changes), computed
-    in fp32 on the CPU from the base folder's stored weights (PEFT's merge arithmetic), then cast
-    to ``dtype``. Trainer and server compute it with this one function, so checksums agree."""
-    from safetensors import safe_open
+def check_fits(shapes: Mapping[str, torch.Size], pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Raise ValueError unless every ``(A, B)`` changes a weight of ``shapes`` (name to shape) and fits it."""
+    for key, (a, b) in pairs.items():
+        if key not in shapes:
+            raise ValueError(f"the adapter changes a weight the base model does not have: {key}")
+        if (b.shape[0], a.shape[1]) != tuple(shapes[key]) or b.shape[1] != a.shape[0]:
+            raise ValueError(f"adapter shape {(b.shape[0], a.shape[1])} does not fit {key} {tuple(shapes[key])}")
 
-    from .inference.weights import safetensors_files
 
-    scaling, pairs = _scaling_and_pairs(adapter_dir)
-    out: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(base_dir):
-        with safe_open(str(f), framework="pt") as handle:
-            for key in set(handle.keys()) & set(pairs):
-                a, b = pairs[key]
-                w = handle.get_tensor(key).float()
-                delta = b.float() @ a.float()
-                if delta.shape != w.shape:
-                    raise ValueError(f"adapter shape {tuple(delta.shape)} does not fit {key} {tuple(w.shape)}")
-                out[key] = (w + delta * scaling).to(dtype)
-    missing = sorted(set(pairs) - set(out))
-    if missing:
-        raise ValueError(f"the adapter changes weights the base model {base_dir} does not have: {missing[:3]}")
+def merge_into(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``out = base + (B @ A) * scaling``, in fp32 (PEFT's merge arithmetic), then cast to
+    ``out``'s dtype. An fp32 CPU ``out`` (the CPU server's weights) is computed in place: no
+    temporary the size of the weight."""
+    if out.dtype == torch.float32 and out.device.type == "cpu":
+        torch.matmul(b.float(), a.float(), out=out)
+        out.mul_(scaling).add_(base.float())
+    else:
+        dev = out.device
+        out.copy_((b.to(dev, torch.float32) @ a.to(dev, torch.float32)).mul_(scaling).add_(base.to(dev, torch.float32)))
+
+
+def merge_adapter(
+    base: Mapping[str, torch.Tensor], scaling: float, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The adapted weights ``W + (B @ A) * alpha / r`` of the weights the adapter changes, from
+    ``base`` (those weights before any adapter), as ``merge_into`` computes them, in ``dtype``."""
+    check_fits({k: t.shape for k, t in base.items()}, pairs)
+    out = {key: torch.empty(base[key].shape, dtype=dtype) for key in pairs}
+    for key, (a, b) in pairs.items():
+        merge_into(out[key], base[key], a, b, scaling)
     return out
 
 
-def merged_checksum(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype | str) -> str:
-    """The weights checksum of ``base_dir`` with the adapter merged, as a server holding it in
-    ``dtype`` reports it (``weights.folder_checksum`` of the merged model)."""
-    from .inference.weights import DTYPES, load_checkpoint, state_dict_checksum
+def adapter_checksum(scaling: float, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """The checksum of an adapter as applied: its scale and every ``(A, B)`` by the weight it changes."""
+    from .inference.weights import state_dict_checksum
 
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return state_dict_checksum({**load_checkpoint(base_dir, dtype), **merged_tensors(base_dir, adapter_dir, dtype)})
+    tensors = {f"{key}|{part}": t for key, pair in pairs.items() for part, t in zip("AB", pair, strict=True)}
+    return hashlib.sha256(f"{scaling!r}|{state_dict_checksum(tensors)}".encode()).hexdigest()[:16]
+
+
+def with_adapter_checksum(base_checksum: str, adapter: str) -> str:
+    """The weights checksum of a built-in server serving the base weights of checksum
+    ``base_checksum`` with the adapter of checksum ``adapter`` merged. Both sides compute it from
+    the adapter alone (the base's checksum is known once per run): verifying a sync costs the
+    adapter's size, not the model's."""
+    return hashlib.sha256(f"{base_checksum}+{adapter}".encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _base_checksum(folder: str, dtype: str, stamp: tuple) -> str:
+    from .inference.weights import folder_checksum
+
+    return folder_checksum(folder, dtype)
+
+
+def base_checksum(folder: str | Path, dtype: str) -> str:
+    """``weights.folder_checksum`` of a base model, computed once per process (and again if its
+    files change): every adapter sync of a run checks against the same base."""
+    from .inference.weights import safetensors_files
+
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in safetensors_files(folder))
+    return _base_checksum(str(folder), dtype, stamp)
+
+
+def served_checksum(base_dir: str | Path, adapter_dir: str | Path, dtype: str) -> str:
+    """The checksum a built-in server serving ``base_dir`` in ``dtype`` reports with the adapter
+    in ``adapter_dir`` loaded."""
+    return with_adapter_checksum(base_checksum(base_dir, dtype), adapter_checksum(*read_adapter(adapter_dir)))
 
 
 # ---------------------------------------------------------------------- export command

@@ -26,14 +26,18 @@ from grpo_lightning.inference.launch import (
     lora_server_env,
 )
 from grpo_lightning.inference.weight_sync import WeightSyncError, adapter_request, sync_weights
-from grpo_lightning.inference.weights import folder_checksum
+from grpo_lightning.inference.weights import folder_checksum, load_checkpoint
 from grpo_lightning.logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
 from grpo_lightning.lora import (
     QWEN2_LLAMA_PROJECTIONS,
     LoraArgs,
+    adapter_checksum,
     adapter_name,
     export_merged,
-    merged_checksum,
+    merge_adapter,
+    read_adapter,
+    served_checksum,
+    with_adapter_checksum,
 )
 from grpo_lightning.lora import main as export_main
 from grpo_lightning.module import GRPOModule
@@ -61,7 +65,10 @@ def lora_module(seed: int = 0, **lora) -> GRPOModule:
 @pytest.mark.parametrize(
     ("args", "key"),
     [(["--model.lora.rank", "0"], "model.lora.rank=0"), (["--model.lora.alpha", "0"], "model.lora.alpha=0.0"),
-     (["--data.server.sync", "disk"], "data.server.sync='disk'")],
+     (["--data.server.sync", "disk"], "data.server.sync='disk'"),
+     (["--trainer.strategy", "fsdp"], "model.lora.enabled=true cannot run with trainer.strategy=fsdp"),
+     (["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.devices", "2"],
+      "trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy")],
 )
 def test_bad_lora_settings_stop_before_anything_runs_with_one_line(args, key, tmp_path, capsys) -> None:
     code = main(["fit", "--config", str(ROOT / "configs" / "sat_tiny_lora.yaml"),
@@ -186,9 +193,21 @@ def test_builtin_server_serves_adapters_without_a_restart(adapters, tiny_sat_pat
             module = lora_module(seed=0 if which == "all" else 1, **({"target_modules": ["q_proj"]} if which == "q_only" else {}))
             report = sync_weights(server, adapters[which], probe=module.probe_logprobs)
             assert report.method == "adapter" and report.verified and server.pid == pid
-            assert report.checksum == merged_checksum(tiny_sat_path, adapters[which], "float32") != base_checksum
+            # The checksum is the base's with the adapter's (its scale and tensors), as saved.
+            expected = with_adapter_checksum(base_checksum, adapter_checksum(*read_adapter(adapters[which])))
+            assert report.checksum == served_checksum(tiny_sat_path, adapters[which], "float32") == expected != base_checksum
             assert report.adapter == adapter_name(adapters[which]) == server.adapter[0]
+            # ...and the merged weights serve: the trainer's logprobs, to float rounding.
             assert report.max_logprob_diff < 1e-4
+        # Unloading serves the base again, bit for bit (the kept copy of the adapted weights).
+        http = httpx.Client(base_url=server.urls[0])
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": report.adapter}).json()["checksum"] == base_checksum
+        assert http.get("/get_model_info").json()["lora_adapter"] is None
+        base_probe = GRPOModule()
+        base_probe.configure_model()
+        assert sync_weights(server.urls, tiny_sat_path, backend="builtin", probe=base_probe.probe_logprobs).max_logprob_diff < 1e-4
+        report = sync_weights(server, adapters["all"], probe=lora_module(seed=0).probe_logprobs)
+        assert report.max_logprob_diff < 1e-4
         # Requests name the adapter; the base model's name is no longer served.
         request = GenerationRequest(prompt_ids=[5, 6, 7], n=1, seed=0, params=SamplingParams(max_tokens=2))
         assert server.client().generate([request])[0][0].token_ids
@@ -213,18 +232,26 @@ def test_builtin_server_serves_adapters_without_a_restart(adapters, tiny_sat_pat
 # ---------------------------------------------------------------------- vLLM / SGLang contracts
 
 
-def _recorded(status: int = 200, body: object = "Success") -> tuple[list, httpx.MockTransport]:
+def _recorded(status: int = 200, body: object = "Success", labels: bool = True) -> tuple[list, httpx.MockTransport]:
+    """A vLLM / SGLang stand-in that records requests, answers adapter routes with ``status`` and
+    ``body``, and reports the weight version last set with each completion (as both do);
+    ``labels=False``: one that accepts a new version but keeps reporting the old one."""
     calls: list[tuple[str, dict]] = []
+    version = ["initial"]
 
     def handler(req: httpx.Request) -> httpx.Response:
         payload = json.loads(req.content) if req.content else {}
         calls.append((req.url.path, payload))
+        if req.url.path == "/update_weight_version":
+            version[0] = payload["new_version"] if labels else version[0]
+            return httpx.Response(200, json={"success": True})
         if req.url.path == "/v1/completions":
-            return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "token_ids": [9],
+            versions = [{"version": version[0], "num_tokens": 1}] if payload.get("return_weight_versions") else None
+            return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "token_ids": [9], "weight_versions": versions,
                                                           "logprobs": {"token_logprobs": [-0.5]}, "finish_reason": "length"}]})
         if req.url.path == "/generate":
             return httpx.Response(200, json=[{"text": "x", "output_ids": [9], "meta_info": {
-                "output_token_logprobs": [[-0.5, 9, "x"]], "finish_reason": {"type": "length"}}}])
+                "output_token_logprobs": [[-0.5, 9, "x"]], "finish_reason": {"type": "length"}, "weight_version": version[0]}}])
         return httpx.Response(status, json=body)
 
     return calls, httpx.MockTransport(handler)
@@ -246,18 +273,34 @@ def test_vllm_and_sglang_adapter_bodies_follow_their_request_models(adapters) ->
         assert set(body) <= {"lora_name", "lora_path", "pinned", "lora_id"}
     else:
         assert LoadLoRAAdapterReqInput(**body).lora_name == "lora-x"
+    # The version label after an adapter load: vLLM's body (tests/test_contracts_vllm.py), and
+    # sglang/srt/managers/io_struct.py: UpdateWeightVersionReqInput(new_version, abort_all_requests).
+    try:
+        from sglang.srt.managers.io_struct import UpdateWeightVersionReqInput
+    except ImportError:
+        assert {"new_version"} <= {"new_version", "abort_all_requests"}
+    else:
+        assert UpdateWeightVersionReqInput(new_version="v").new_version == "v"
 
     folder = str(adapters["all"].resolve())
     name = adapter_name(folder)
     for backend, route in (("vllm", "/v1/load_lora_adapter"), ("sglang", "/load_lora_adapter")):
         calls, transport = _recorded(body="Success: LoRA adapter added." if backend == "vllm" else {"success": True})
         report = sync_weights(["http://gpu:8000"], folder, backend=backend, transport=transport,
-                              probe=lambda prompt, tokens: [-0.5])
+                              probe=lambda prompt, tokens: [-0.5], version="step-7")
         assert calls[0] == (route, {"lora_name": name, "lora_path": folder})
-        generation = calls[1][1]
-        # Requests then name the adapter: vLLM as the model, SGLang as lora_path.
+        # The new adapter is labelled with the sync's weight version, as a full sync is...
+        assert calls[1] == ("/update_weight_version", {"new_version": "step-7"})
+        generation = calls[2][1]
+        # ...and the probe's request names the adapter: vLLM as the model, SGLang as lora_path.
         assert generation.get("model") == name if backend == "vllm" else generation["lora_path"] == name
         assert report.method == "adapter" and report.verified and report.adapter == name
+        assert report.weight_version == "step-7"
+        # Without a probe the version alone verifies the sync; a server that kept an older label fails it.
+        assert sync_weights(["http://gpu:8000"], folder, backend=backend, transport=transport, version="step-8").verified
+    _, stale = _recorded(labels=False)
+    with pytest.raises(WeightSyncError, match="sampled by weight version 'initial', not 'step-9'"):
+        sync_weights(["http://gpu:8000"], folder, backend="vllm", transport=stale, version="step-9")
     # vLLM answers 400 for a name it has loaded already: with names derived from the weights,
     # that is the same adapter. Any other refusal stops the sync with the server's reason.
     calls, transport = _recorded(400, {"error": {"message": "The lora adapter 'x' has already been loaded.", "code": 400}})
@@ -281,9 +324,9 @@ def test_managed_servers_are_launched_to_take_adapters_and_drop_the_old_one(adap
     for which in ("all", "q_only"):
         sync_weights(server, adapters[which], transport=transport, probe=lambda p, t: [-0.5])
     paths = [p for p, _ in calls]
-    assert paths == ["/v1/load_lora_adapter", "/v1/completions", "/v1/load_lora_adapter",
-                     "/v1/unload_lora_adapter", "/v1/completions"]
-    assert calls[3][1] == {"lora_name": adapter_name(adapters["all"])}
+    assert paths == ["/v1/load_lora_adapter", "/update_weight_version", "/v1/completions", "/v1/load_lora_adapter",
+                     "/v1/unload_lora_adapter", "/update_weight_version", "/v1/completions"]
+    assert calls[4][1] == {"lora_name": adapter_name(adapters["all"])}
     assert server.client().adapter == adapter_name(adapters["q_only"])
     payload = openai_payload(GenerationRequest([1], 1, 0, SamplingParams(max_tokens=1)), "m")
     assert payload["model"] == "m" and RolloutClient(["http://x"], adapter="a").adapter == "a"
@@ -304,7 +347,9 @@ def test_export_merges_into_an_ordinary_hf_folder_with_the_adapters_logits(adapt
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
     # The same weights the built-in server serves for this adapter, bit for bit.
-    assert folder_checksum(out) == merged_checksum(tiny_sat_path, adapters["all"], "float32")
+    served = merge_adapter(load_checkpoint(tiny_sat_path), *read_adapter(adapters["all"]), torch.float32)
+    exported = load_checkpoint(out)
+    assert served and all(torch.equal(exported[k], t) for k, t in served.items())
     assert export_main(["--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     assert export_merged(adapters["q_only"], tmp_path / "m2", base=tiny_sat_path).is_dir()
@@ -340,3 +385,41 @@ def test_a_lora_run_resumes_exactly_from_last_ckpt(tmp_path) -> None:
     # last.ckpt holds the adapters (and their optimizer state), not the frozen base.
     state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert len(state) == len(a) and all("lora_" in k for k in state)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two runs, one of them two processes plus a server
+def test_lora_under_ddp_trains_the_adapters_of_one_process(tmp_path) -> None:
+    """One LoRA iteration (a KL term against the adapters-off reference, two passes of two
+    steps) on two DDP ranks against the same iteration in one process: both ranks end with the
+    same adapters, equal to the single process's (DDP averages the adapters' gradients; the
+    frozen base takes no part)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import load
+    from test_training import TINY
+
+    config = str(ROOT / "configs" / "sat_tiny_lora.yaml")
+    common = ["--config", config, *TINY, "--trainer.max_epochs", "1", "--data.eval.num_problems", "0",
+              "--model.kl_coef", "0.05", "--model.num_iterations", "2", "--model.steps_per_iteration", "2",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(["fit", *common, "--trainer.logger.init_args.name", "single"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "grpo_lightning", "fit", *common, "--trainer.logger.init_args.name", "ddp",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.callbacks+=ddp_probe.WeightDigest"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = tmp_path / "single" / "version_0", tmp_path / "ddp" / "version_0"
+    assert (ddp / "digest_rank0.txt").read_text() == (ddp / "digest_rank1.txt").read_text()
+    m, ref = load(ddp / "metrics" / "train_iter_000.json"), load(single / "metrics" / "train_iter_000.json")
+    assert m["problem_seeds"] == ref["problem_seeds"] and m["train/tokens"] == ref["train/tokens"]
+    assert m["train/optimizer_steps"] == ref["train/optimizer_steps"] >= 1
+    assert m["train/kl/mean"] > 0 and m["sync/method"] == "adapter" and m["sync/verified"]
+    a = load_file(ddp / "checkpoints" / "iter_000" / "adapter_model.safetensors")
+    b = load_file(single / "checkpoints" / "iter_000" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-4  # it trained (B starts at 0)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

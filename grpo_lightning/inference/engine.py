@@ -27,7 +27,9 @@ import inspect
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -215,7 +217,7 @@ class GenerationEngine:
         self._cv = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._swap: (
-            tuple[dict[str, torch.Tensor], str, str, asyncio.Future, asyncio.AbstractEventLoop]
+            tuple[Any, str, str, asyncio.Future, asyncio.AbstractEventLoop]
             | None
         ) = None
         self._closing = False
@@ -266,9 +268,11 @@ class GenerationEngine:
         return self._swap is not None
 
     async def swap_weights(
-        self, tensors: dict[str, torch.Tensor], checksum: str, model_path: str
+        self, tensors: dict[str, torch.Tensor] | Callable[[torch.nn.Module], None], checksum: str, model_path: str
     ) -> None:
-        """Install new weights once the running sequences have finished on the old ones."""
+        """Install new weights once the running sequences have finished on the old ones:
+        ``tensors`` copied in, or a function that changes the model's weights in place (a LoRA
+        merge computed straight into them, with no second copy of the adapted weights)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         with self._cv:
@@ -357,7 +361,10 @@ class GenerationEngine:
         tensors, checksum, model_path, fut, loop = self._swap
         try:
             with torch.no_grad():
-                self.model.load_state_dict(tensors, strict=False)
+                if callable(tensors):
+                    tensors(self.model)
+                else:
+                    self.model.load_state_dict(tensors, strict=False)
             self.checksum, self.model_path = checksum, model_path
             self.weights_version += 1
             result: object = None

@@ -16,9 +16,11 @@ Routes:
   (see ``weights.folder_checksum``) and version.
 * ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and ``POST /v1/unload_lora_adapter
   {"lora_name"}`` - vLLM's routes for a PEFT adapter folder. One adapter at a time: it is merged
-  into the base weights (``lora.merged_tensors``; a new adapter replaces the previous one, and
-  the base weights are kept on disk to merge it into), requests then name it as their ``model``
-  and the checksum is that of the merged weights.
+  into the base weights (``lora.merge_adapter``; a new adapter replaces the previous one). The
+  base weights of the adapted layers are kept in host memory at the first adapter, so a new
+  adapter costs reading the adapter and one merge, never a read of the base. Requests then name
+  it as their ``model``, and the checksum is ``lora.with_adapter_checksum`` of the base's and
+  the applied adapter's (``lora.adapter_checksum``): verifying costs the adapter's size.
 
 Every malformed or out-of-range request gets a 4xx with a message; the server binds
 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``GRPO_LIGHTNING_API_KEY``) every
@@ -58,6 +60,10 @@ from .protocol import (
 
 if TYPE_CHECKING:
     # torch loads lazily: a bad command line fails in a second, not after the torch import.
+    from collections.abc import Callable
+
+    import torch
+
     from .engine import GenerationEngine, SequenceOutput
 
 log = logging.getLogger("grpo_lightning.server")
@@ -243,8 +249,10 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
     app = FastAPI(title="grpo-lightning inference server", docs_url=None, redoc_url=None)
     piece = _TokenPieces(tokenizer)
     update_lock = asyncio.Lock()
-    adapter: dict = {"name": None, "keys": set(), "base": engine.model_path}
-    """The merged adapter's name, the weights it changed, and the folder of the base weights."""
+    adapter: dict = {"name": None, "keys": set(), "base_weights": {}, "base_checksum": engine.checksum}
+    """The merged adapter's name, the weights it changed, the base weights of every weight an
+    adapter changed so far (kept on the CPU, so that the next adapter merges without reading
+    the base again), and the base weights' checksum."""
 
     def served_name() -> str:
         return adapter["name"] or limits.served_model_name
@@ -373,7 +381,7 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
                 await engine.swap_weights(tensors, checksum, path)
             except RuntimeError as exc:
                 raise ApiError(503, str(exc)) from exc
-            adapter.update(name=None, keys=set(), base=path)
+            adapter.update(name=None, keys=set(), base_weights={}, base_checksum=checksum)
             seconds = time.perf_counter() - start
         log.info("serving weights from %s (checksum %s) after %.2fs", path, checksum, seconds)
         return JSONResponse(
@@ -388,26 +396,45 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
             }
         )
 
+    def merge(path: str | None) -> tuple[Callable[[torch.nn.Module], None], set, str]:
+        """What serving the adapter at ``path`` (None: the base alone) takes: a function that
+        merges it into the model's weights in place (run by the engine between steps), the
+        weights it changes, and the checksum of what is then served. Runs off the event loop."""
+        from ..lora import (
+            adapter_checksum,
+            check_fits,
+            merge_into,
+            read_adapter,
+            with_adapter_checksum,
+        )
+
+        scaling, pairs = read_adapter(path) if path else (1.0, {})
+        params = engine.model.state_dict()
+        check_fits({k: t.shape for k, t in params.items()}, pairs)
+        base = adapter["base_weights"]
+        for key in set(pairs) - set(base):
+            # Not changed by the adapter now served (those are all kept already): still the base.
+            base[key] = params[key].detach().to("cpu", copy=True)
+        # Weights the previous adapter changed and this one does not go back to the base.
+        restore = adapter["keys"] - set(pairs)
+
+        def apply(model: torch.nn.Module) -> None:
+            weights = model.state_dict()
+            for key, (a, b) in pairs.items():
+                merge_into(weights[key], base[key], a, b, scaling)
+            for key in restore:
+                weights[key].copy_(base[key])
+
+        checksum = adapter["base_checksum"]
+        return apply, set(pairs), with_adapter_checksum(checksum, adapter_checksum(scaling, pairs)) if path else checksum
+
     async def set_adapter(name: str | None, path: str | None) -> str:
         """Serve the base weights with the adapter at ``path`` merged (None: the base alone);
         returns the served weights' checksum."""
-        from ..lora import merged_tensors
-        from .weights import checkpoint_keys, load_checkpoint, state_dict_checksum
-
-        base = adapter["base"]
-        merged = await asyncio.to_thread(merged_tensors, base, path, engine.dtype) if path else {}
-        engine.check_weights(merged, partial=True)
-        stale = adapter["keys"] - set(merged)
-        if stale:  # weights the previous adapter changed and this one does not: back to the base
-            restored = await asyncio.to_thread(load_checkpoint, base, engine.dtype)
-            merged = {**{k: restored[k] for k in stale}, **merged}
-        await engine.swap_weights(merged, engine.checksum, engine.model_path)
-        adapter.update(name=name, keys=set(merged) if path else set())
-        # The checksum of what is served now, read back from the model's own weights.
-        params = engine.model.state_dict()
-        keys = await asyncio.to_thread(checkpoint_keys, base)
-        engine.checksum = await asyncio.to_thread(state_dict_checksum, {k: params[k] for k in keys})
-        return engine.checksum
+        apply, keys, checksum = await asyncio.to_thread(merge, path)
+        await engine.swap_weights(apply, checksum, engine.model_path)
+        adapter.update(name=name, keys=keys)
+        return checksum
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> JSONResponse:

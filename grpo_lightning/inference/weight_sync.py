@@ -15,9 +15,10 @@ Methods, fastest first:
   generation for this: sync between rollout phases, with no request in flight (the trainer does).
 * ``adapter`` (a PEFT adapter folder, from LoRA training; any backend): ``POST
   /v1/load_lora_adapter`` (built-in, vLLM) or ``/load_lora_adapter`` (SGLang) under a name
-  derived from the adapter's weights, then the previous adapter is unloaded; requests name the
-  adapter from then on (``ManagedServer.adapter``). A managed server that refuses it is
-  restarted and given the adapter again. See ``sync_adapter``.
+  derived from the adapter's weights, then the previous adapter is unloaded and (vLLM, SGLang)
+  ``POST /update_weight_version`` labels the new weights; requests name the adapter from then
+  on (``ManagedServer.adapter``). A managed server that refuses it is restarted and given the
+  adapter again. See ``_sync_adapter``.
 * ``restart`` (any managed server): stop it and start it on DIR. Always works; costs a process
   start and a full model load (tens of seconds to minutes on a real model).
 
@@ -27,7 +28,8 @@ whose process has exited is restarted on the new weights whatever the method.
 
 After the push the servers are checked, so that training never silently continues against
 stale weights: the built-in server's weights checksum must equal the folder's
-(``weights.folder_checksum``); vLLM and SGLang label the weights of an in-place update with a
+(``weights.folder_checksum``; for an adapter, ``lora.with_adapter_checksum`` of the base's and
+the adapter's, so that verifying costs the adapter's size); vLLM and SGLang label the weights of an in-place update with a
 version unique to this sync (SGLang through ``weight_version`` in the update request) and report,
 with each completion, the version that sampled it (vLLM's ``weight_versions`` when asked with
 ``return_weight_versions``, SGLang's ``meta_info``): a short completion must carry the new label.
@@ -149,11 +151,10 @@ def sync_weights(
         raise WeightSyncError(f"no checkpoint folder at {model_dir}")
     chosen = _resolve_method(method, backend, can_restart=managed is not None and managed.managed)
     headers = auth_headers(api_key)
+    check = _Check(urls, backend, api_key, retry, transport, probe, probe_prompt_ids or DEFAULT_PROBE_PROMPT,
+                   probe_tokens, tolerance)
     if _is_adapter(model_dir):
-        return _sync_adapter(
-            managed, urls, backend, model_dir, api_key, probe, probe_prompt_ids or DEFAULT_PROBE_PROMPT,
-            probe_tokens, tolerance, timeout, retry, transport,
-        )
+        return _sync_adapter(managed, check, model_dir, timeout, version)
 
     version = version or f"{Path(model_dir).name}-{uuid.uuid4().hex[:12]}"
     labelled: list[str] = []  # URLs whose weights now carry ``version``
@@ -182,40 +183,75 @@ def sync_weights(
         if managed is not None:
             managed.served_weights = model_dir
 
-        verify_start = time.perf_counter()
         report = SyncReport(seconds=seconds, method=chosen, verified=False)
+        expected = None
         if backend == "builtin":
             from .weights import folder_checksum
 
-            report.checksum = _check_checksum(http, urls, model_dir, lambda d: folder_checksum(model_dir, d), retry)
-            report.verified = True
-    if probe is not None or labelled:
-        prompt = probe_prompt_ids or DEFAULT_PROBE_PROMPT
+            expected = (model_dir, lambda d: folder_checksum(model_dir, d))
+        return _verify(report, http, check, labelled, version, expected)
+
+
+@dataclass(frozen=True)
+class _Check:
+    """What verifying a sync needs: the servers, how to reach them, and the probe."""
+
+    urls: list[str]
+    backend: str
+    api_key: str | None
+    retry: Retry
+    transport: httpx.BaseTransport | None
+    probe: Probe | None
+    prompt: list[int]
+    probe_tokens: int
+    tolerance: float
+
+
+def _verify(
+    report: SyncReport,
+    http: httpx.Client,
+    check: _Check,
+    labelled: list[str],
+    version: str,
+    expected: tuple[str, Callable[[str], str]] | None,
+    adapter: str | None = None,
+) -> SyncReport:
+    """Show that every server serves the pushed weights, or raise ``WeightSyncError``: the
+    built-in server's checksum against ``expected`` (what was pushed, and its checksum in a
+    dtype), the weight version of the servers in ``labelled``, and the probe's logprobs. With
+    ``adapter`` the probe asks for that LoRA adapter by name."""
+    start = time.perf_counter()
+    urls = check.urls
+    if expected is not None:
+        report.checksum = _check_checksum(http, urls, expected[0], expected[1], check.retry, adapter=adapter)
+        report.verified = True
+    if check.probe is not None or labelled:
         diffs = []
         for url in urls:
             client = RolloutClient(
                 [url],
-                backend=backend,
-                api_key=api_key,
+                backend=check.backend,
+                api_key=check.api_key,
                 max_retries=2,
-                transport=transport,
+                transport=check.transport,
                 return_weight_versions=url in labelled,
+                adapter=adapter,
             )
-            completion = _probe_completion(client, prompt, probe_tokens)
+            completion = _probe_completion(client, check.prompt, check.probe_tokens)
             if url in labelled and not _check_version(url, completion, version):
                 labelled.remove(url)
-            if probe is not None:
-                diffs.append(_check_logprobs(url, completion, probe, prompt, tolerance))
+            if check.probe is not None:
+                diffs.append(_check_logprobs(url, completion, check.probe, check.prompt, check.tolerance))
         report.max_logprob_diff = max(diffs) if diffs else None
         every = set(labelled) == set(urls)
         report.weight_version = version if every else None
-        report.verified = probe is not None or every
-    report.verify_seconds = time.perf_counter() - verify_start
+        report.verified = report.verified or check.probe is not None or every
+    report.verify_seconds = time.perf_counter() - start
     if not report.verified:
         warnings.warn(
-            f"weights of {model_dir} pushed to {', '.join(urls)} by {chosen} but not verified: pass probe= "
+            f"weights pushed to {', '.join(urls)} by {report.method} but not verified: pass probe= "
             "(the trainer's logprobs) so that stale weights are caught",
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
 
@@ -299,10 +335,15 @@ def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry, ver
                     f"{url} /collective_rpc {step['method']} failed: HTTP {r.status_code} {r.text[:300]}"
                 )
     _reset_prefix_cache(http, url, retry)
-    if version is None:
-        return False
+    return version is not None and _label_version(http, url, version, retry)
+
+
+def _label_version(http: httpx.Client, url: str, version: str, retry: Retry) -> bool:
+    """``POST /update_weight_version`` (vLLM; SGLang, whose request model also has
+    ``abort_all_requests``, left to its default: syncs run with no request in flight). Returns
+    False for a server without the route (older vLLM), which only the probe can check."""
     r = _send(http, "POST", url, "/update_weight_version", retry, {"new_version": version})
-    if r.status_code == 404:  # vLLM before the route: the logprob probe is the only check
+    if r.status_code == 404:
         return False
     if r.status_code != 200:
         raise WeightSyncError(f"{url} /update_weight_version failed: HTTP {r.status_code} {r.text[:300]}")
@@ -475,30 +516,21 @@ def load_adapter(server: ManagedServer, folder: str, name: str) -> None:
 ManagedServer.adapter_loader = load_adapter
 
 
-def _sync_adapter(
-    managed: ManagedServer | None,
-    urls: list[str],
-    backend: str,
-    folder: str,
-    api_key: str | None,
-    probe: Probe | None,
-    prompt: list[int],
-    probe_tokens: int,
-    tolerance: float,
-    timeout: float,
-    retry: Retry,
-    transport: httpx.BaseTransport | None,
-) -> SyncReport:
+def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, timeout: float, version: str | None) -> SyncReport:
     """Serve the LoRA adapter in ``folder`` (``sync_weights`` of an adapter folder), verified by
-    the built-in server's checksum of the merged weights or by the probe."""
+    ``_verify`` as a full sync is: the built-in server's checksum of the adapter it applied, the
+    weight version of servers that label one, the probe (which names the adapter)."""
     from ..lora import adapter_name
 
     name = adapter_name(folder)
+    version = version or f"{name}-{uuid.uuid4().hex[:12]}"
+    urls, backend, retry = check.urls, check.backend, check.retry
     previous = managed.adapter if managed is not None else None
     ours = managed is not None and managed.managed
     method = "adapter"
+    labelled: list[str] = []
     start = time.perf_counter()
-    with httpx.Client(timeout=timeout, headers=auth_headers(api_key), transport=transport) as http:
+    with httpx.Client(timeout=timeout, headers=auth_headers(check.api_key), transport=check.transport) as http:
         if ours and managed.exit_code is not None:
             warnings.warn(f"the server process exited (code {managed.exit_code}); restarting it", stacklevel=3)
             method = "restart"
@@ -517,28 +549,18 @@ def _sync_adapter(
             managed.adapter = (name, folder)
         if method == "restart":
             _restart(managed, None, recover=True)  # on the base model; start() loads the adapter
-        elif previous is not None and previous[0] != name and backend != "builtin":
-            # The built-in server holds one adapter, which the new one replaced.
-            for url in urls:
-                _unload_one(http, url, backend, previous[0], retry)
+        elif backend != "builtin":
+            if previous is not None and previous[0] != name:
+                # The built-in server holds one adapter, which the new one replaced.
+                for url in urls:
+                    _unload_one(http, url, backend, previous[0], retry)
+            labelled = [url for url in urls if _label_version(http, url, version, retry)]
         report = SyncReport(seconds=time.perf_counter() - start, method=method, verified=False, adapter=name)
-        verify_start = time.perf_counter()
+        expected = None
         if backend == "builtin":
-            from ..lora import adapter_base, merged_checksum
+            from ..lora import adapter_base, served_checksum
             from ..models import resolve_model_path
 
             base = resolve_model_path(adapter_base(folder))
-            report.checksum = _check_checksum(
-                http, urls, f"{base} with {folder} merged", lambda d: merged_checksum(base, folder, d), retry, adapter=name
-            )
-            report.verified = True
-    if probe is not None:
-        clients = [RolloutClient([u], backend=backend, api_key=api_key, max_retries=2, transport=transport, adapter=name)
-                   for u in urls]
-        report.max_logprob_diff = max(
-            _check_logprobs(c.urls[0], _probe_completion(c, prompt, probe_tokens), probe, prompt, tolerance)
-            for c in clients
-        )
-        report.verified = True
-    report.verify_seconds = time.perf_counter() - verify_start
-    return report
+            expected = (f"{base} with the adapter {folder}", lambda d: served_checksum(base, folder, d))
+        return _verify(report, http, check, labelled, version, expected, adapter=name)
