@@ -46,10 +46,11 @@ class Kill(pl.Callback):
         self._doing: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        for name, phase in (("generate_iteration", "generation"), ("evaluate", "evaluation")):
-            setattr(dm, name, self._marking(getattr(dm, name), phase))
-        client = dm.client
+        service = trainer.datamodule.service
+        for name, phase in (("iteration", "generation"), ("evaluate", "evaluation")):
+            if service is not None:
+                setattr(service, name, self._marking(getattr(service, name), phase))
+        client = service.client if service is not None else None
         if client is not None:
             generate = client.generate
 
@@ -63,15 +64,15 @@ class Kill(pl.Callback):
                 return generate(requests, on_done=done)
 
             client.generate = generate_and_strike
-        if self.phase == "sync":
-            sync = callbacks_module.sync_weights
+        if self.phase == "sync" and service is not None:
+            sync = service.sync
 
             def strike_then_sync(*args: Any, **kwargs: Any) -> Any:
                 if self._armed(trainer):
                     self._strike(trainer)
                 return sync(*args, **kwargs)
 
-            callbacks_module.sync_weights = strike_then_sync
+            service.sync = strike_then_sync
         if self.phase == "checkpoint":
             replace = callbacks_module.replace_durably
 
@@ -114,7 +115,7 @@ class Kill(pl.Callback):
         self.fired = True
         if self.target == "self":
             os.kill(os.getpid(), signal.SIGKILL)
-        pid = trainer.datamodule.server.pid if self.target == "server" else int(self.target)
+        pid = trainer.datamodule.service.pid if self.target == "server" else int(self.target)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
 
