@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,50 @@ class Kill(pl.Callback):
         pid = trainer.datamodule.service.pid if self.target == "server" else int(self.target)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
+
+
+class KillAhead(pl.Callback):
+    """SIGKILL ``target`` (``self`` or ``server``) while iteration ``iteration``'s rollouts are
+    generated ahead (``data.max_staleness >= 1``, on the service's generation thread): when its
+    first request is answered (the others in flight or queued) and iteration ``iteration - 1``
+    has started training (the strike waits for it, so it lands in that phase). Once."""
+
+    def __init__(self, iteration: int, target: str = "server") -> None:
+        self.iteration, self.target = iteration, target
+        self.fired = False
+        self.training = threading.Event()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == self.iteration - 1:
+            self.training.set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        service = trainer.datamodule.service
+        if service is None:
+            return
+        iteration, client_generate = service.iteration, service.client.generate
+        local = threading.local()
+
+        def marked(j: int, *args: Any, **kwargs: Any) -> Any:
+            local.j = j
+            try:
+                return iteration(j, *args, **kwargs)
+            finally:
+                local.j = None
+
+        def generate_and_strike(requests: list[Any], on_done: Any = None) -> Any:
+            def done(i: int) -> None:
+                if on_done is not None:
+                    on_done(i)
+                if getattr(local, "j", None) == self.iteration and not self.fired:
+                    self.fired = True
+                    self.training.wait(timeout=300)
+                    Path(trainer.log_dir, f"killed_{self.target}_at_epoch").write_text(str(trainer.current_epoch))
+                    os.kill(os.getpid() if self.target == "self" else service.pid, signal.SIGKILL)
+
+            return client_generate(requests, on_done=done)
+
+        service.iteration, service.client.generate = marked, generate_and_strike
 
 
 class NonFinite(pl.Callback):
