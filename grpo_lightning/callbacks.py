@@ -167,6 +167,10 @@ class WeightSyncCallback(pl.Callback):
         # The built-in server's checksum already proves which weights it serves; the
         # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
         probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
+        if trainer.is_global_zero:
+            # Requests generating ahead on the weights now in the sync folder (a server that fails
+            # meanwhile restarts on that folder) finish before the folder is overwritten.
+            _service(trainer).drain(version)
         if pl_module.sharded:
             # Gathering the weights and the probe's forward pass are collectives: every rank joins.
             t0 = time.perf_counter()

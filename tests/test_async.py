@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_same_iteration, load, without_times
+from test_faults import BASE, Trainers
 
 from grpo_lightning.cli import main
 from grpo_lightning.data import RolloutDataModule, _accepted_seeds
@@ -163,25 +164,11 @@ def test_bad_max_staleness_is_one_line_naming_the_key(value: str, code: int, cap
 
 # ---------------------------------------------------------------------- end to end
 
-TINY = [
-    "--data.problems_per_iteration", "4",
-    "--data.rollouts_per_problem", "4",
-    "--data.eval.num_problems", "6",
-    "--data.eval.replicates", "2",
-    "--data.eval.interval", "1",
-    "--data.max_tokens", "24",
-    "--data.dynamic_sampling", "false",
-    "--model.micro_batch_size", "8",
-    # Two optimizer steps per iteration with TIS: the old-policy logprobs are precomputed.
-    "--model.num_iterations", "1",
-    "--model.steps_per_iteration", "2",
-    "--model.tis_cap", "2.0",
-    "--model.lr", "1e-3",
-    "--data.server.max_retries", "1",
-    "--data.server.backoff", "0.1",
-    "--data.server.max_concurrency", "2",  # a server killed at the first answer has requests left
-    "--trainer.max_epochs", "3",
-]
+# The fault suite's small iteration (4 problems x 4, 6 eval problems, eval every iteration,
+# fewer requests in flight than an iteration has, so a server killed at the first answer has
+# requests left), with two optimizer steps and TIS: the old-policy logprobs are precomputed.
+TINY = [*BASE, "--model.steps_per_iteration", "2", "--model.tis_cap", "2.0", "--model.lr", "1e-3",
+        "--trainer.max_epochs", "3"]
 
 
 def fit(save_dir: Path, name: str, *extra: str) -> Path:
@@ -244,8 +231,6 @@ def test_a_server_killed_while_running_ahead_is_restarted_and_the_requests_sent_
 
 @pytest.mark.slow
 def test_a_trainer_killed_with_rollouts_in_flight_resumes_from_last(tmp_path: Path) -> None:
-    from test_faults import Trainers
-
     trainers = Trainers(tmp_path / "trainers")
     (tmp_path / "trainers").mkdir()
     common = [*TINY, "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "sigkill",

@@ -346,22 +346,31 @@ class RolloutService:
 
     # ------------------------------------------------------------------ weights
 
-    def sync(self, folder: Path, *, reason: str, version: int | None = None, probe: Probe | None = None) -> SyncReport:
-        """Push the HF folder (full weights or a LoRA adapter) to the server and verify it.
-
-        ``version``: the policy version the folder holds (None: a resume or attach sync, which
-        does not change the numbering). Ahead of time (``max_staleness >= 1``) it first waits
-        until no generation or evaluation needs the version being replaced. An attached server
-        lost for longer than the retry budget stops the run (``ServerUnavailable``)."""
+    def drain(self, version: int | None) -> None:
+        """Wait until no generation or evaluation needs a policy older than ``version`` (None:
+        only the evaluations). The trainer calls it before it overwrites the folder the server
+        was last given: a launched server that fails until then is restarted on that folder,
+        which must still hold the weights the remaining requests need. A failure of the
+        generation thread or of an evaluation is raised here."""
         if self._thread is not None and version is not None:
             last = version + self.max_staleness - 1  # the last iteration generated on an older version
             if self._end is not None:
                 last = min(last, self._end - 1)
             with self._cond:
                 self._wait(lambda: self._generated >= last, f"the generations before the sync of version {version}")
-        for future in self._evals:
+        evals, self._evals = self._evals, []
+        for future in evals:
             future.result()  # an evaluation's failure is the run's
-        self._evals = []
+
+    def sync(self, folder: Path, *, reason: str, version: int | None = None, probe: Probe | None = None) -> SyncReport:
+        """Push the HF folder (full weights or a LoRA adapter) to the server and verify it.
+
+        ``version``: the policy version the folder holds (None: a resume or attach sync, which
+        does not change the numbering). Ahead of time (``max_staleness >= 1``) it first waits
+        until no generation or evaluation needs the version being replaced (``drain``: call it
+        before writing ``folder`` too). An attached server lost for longer than the retry
+        budget stops the run (``ServerUnavailable``)."""
+        self.drain(version)
         try:
             with self._busy():
                 report = sync_weights(self.server, folder, probe=probe)
