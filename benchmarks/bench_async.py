@@ -75,11 +75,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--parts", default="b,a", help="b (the shorter) runs first")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = set(args.parts.split(","))
     print(f"load average before: {os.getloadavg()}", flush=True)
+    if "b" in parts:
+        lines = [HEADER]
+        heavy = {}
+        for k in (0, 1, 2):
+            heavy[k] = fit(args.iterations, seeds[0], k, HEAVY)
+            lines.append(row(f"(b) k={k}", heavy[k]))
+            print(lines[-1], flush=True)
+        print(f"\n(b) generation-heavy shape ({' '.join(HEAVY)}), {args.iterations} iterations, seed {seeds[0]}")
+        print("\n".join(lines))
+        for k in (1, 2):
+            print(f"speed-up k={k} over k=0: whole run {heavy[0]['wall'] / heavy[k]['wall']:.2f}x, "
+                  f"training loop {heavy[0]['loop'] / heavy[k]['loop']:.2f}x")
     if "a" in parts:
         results: dict[int, list[dict[str, float]]] = {0: [], 1: []}
         lines = [HEADER]
@@ -96,18 +108,6 @@ def main() -> int:
         succ = {k: [r["success"] for r in v] for k, v in results.items()}
         print(f"\nspeed-up k=1 over k=0: whole run {walls[0] / walls[1]:.2f}x, training loop {loops[0] / loops[1]:.2f}x")
         print(f"final success k=0: {succ[0]} (spread {min(succ[0]):.3f}..{max(succ[0]):.3f}); k=1: {succ[1]}")
-    if "b" in parts:
-        lines = [HEADER]
-        heavy = {}
-        for k in (0, 1, 2):
-            heavy[k] = fit(args.iterations, seeds[0], k, HEAVY)
-            lines.append(row(f"(b) k={k}", heavy[k]))
-            print(lines[-1], flush=True)
-        print(f"\n(b) generation-heavy shape ({' '.join(HEAVY)}), {args.iterations} iterations, seed {seeds[0]}")
-        print("\n".join(lines))
-        for k in (1, 2):
-            print(f"speed-up k={k} over k=0: whole run {heavy[0]['wall'] / heavy[k]['wall']:.2f}x, "
-                  f"training loop {heavy[0]['loop'] / heavy[k]['loop']:.2f}x")
     print(f"\nload average after: {os.getloadavg()}")
     return 0
 

@@ -122,7 +122,7 @@ class Kill(pl.Callback):
 
 
 class KillAhead(pl.Callback):
-    """SIGKILL ``target`` (``self`` or ``server``) while iteration ``iteration``'s rollouts are
+    """SIGKILL ``target`` (``self``, ``server`` or a pid) while iteration ``iteration``'s rollouts are
     generated ahead (``data.max_staleness >= 1``, on the service's generation thread): when its
     first request is answered (the others in flight or queued) and iteration ``iteration - 1``
     has started training (the strike waits for it, so it lands in that phase). Once."""
@@ -157,8 +157,9 @@ class KillAhead(pl.Callback):
                 if getattr(local, "j", None) == self.iteration and not self.fired:
                     self.fired = True
                     self.training.wait(timeout=300)
-                    Path(trainer.log_dir, f"killed_{self.target}_at_epoch").write_text(str(trainer.current_epoch))
-                    os.kill(os.getpid() if self.target == "self" else service.pid, signal.SIGKILL)
+                    Path(trainer.log_dir, f"killed_{self.target if self.target in ('self', 'server') else 'pid'}_at_epoch").write_text(str(trainer.current_epoch))
+                    pids = {"self": os.getpid(), "server": service.pid}
+                    os.kill(pids.get(self.target) or int(self.target), signal.SIGKILL)
 
             return client_generate(requests, on_done=done)
 

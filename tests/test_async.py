@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_same_iteration, load, without_times
-from test_faults import BASE, Trainers
+from test_faults import API_KEY, BASE, Trainers
 
 from grpo_lightning.cli import main
 from grpo_lightning.data import RolloutDataModule, _accepted_seeds
 from grpo_lightning.envs.sat import SATEnv
 from grpo_lightning.inference.client import SamplingParams, ServerUnavailable
-from grpo_lightning.inference.launch import ServerConfig
+from grpo_lightning.inference.launch import ManagedServer, ServerConfig
 from grpo_lightning.inference.service import RolloutRecipe, RolloutService
 from grpo_lightning.inference.weight_sync import SyncReport
 from grpo_lightning.rollouts import Rollout
@@ -171,6 +171,11 @@ TINY = [*BASE, "--model.steps_per_iteration", "2", "--model.tis_cap", "2.0", "--
         "--trainer.max_epochs", "3"]
 
 
+# How long a forked run may take before the test fails (a stuck run must not hang the suite;
+# a loaded 2-core machine needs minutes for a launched server and three iterations).
+DEADLINE = 1200
+
+
 def fit(save_dir: Path, name: str, *extra: str) -> Path:
     assert main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(save_dir),
                  "--trainer.logger.init_args.name", name, *TINY, *extra]) == 0
@@ -215,6 +220,20 @@ def test_trained_rollouts_are_exactly_k_versions_old_at_most(runs: dict[str, Pat
 
 
 @pytest.mark.slow
+def test_every_tensorboard_scalar_is_in_a_group(runs: dict[str, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["k1"]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert [t for t in tags if "/" not in t] == []  # no hp_metric placeholder, no loose rollout scalars
+    for tag in ("rollout/staleness_max", "rollout/policy_version", "rollout/completion_tokens_mean",
+                "time/wait_rollouts_s", "time/server_idle_s"):
+        assert tag in tags, tag
+    assert [e.value for e in acc.Scalars("rollout/policy_version")] == [0, 0, 1]
+
+
+@pytest.mark.slow
 def test_a_server_killed_while_running_ahead_is_restarted_and_the_requests_sent_again(runs: dict[str, Path], tmp_path: Path) -> None:
     run = fit(tmp_path, "kill", "--data.max_staleness", "1",
               "--trainer.callbacks+=fault_probes.KillAhead", "--trainer.callbacks.iteration", "2")
@@ -236,14 +255,15 @@ def test_a_trainer_killed_with_rollouts_in_flight_resumes_from_last(tmp_path: Pa
     common = [*TINY, "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "sigkill",
               "--data.max_staleness", "1"]
     killed = trainers.run("killed", [*common, "--trainer.callbacks+=fault_probes.KillAhead",
-                                     "--trainer.callbacks.iteration", "2", "--trainer.callbacks.target", "self"])
+                                     "--trainer.callbacks.iteration", "2", "--trainer.callbacks.target", "self"],
+                          timeout=DEADLINE)
     assert killed.exitcode == -signal.SIGKILL
     run = tmp_path / "sigkill" / "version_0"
     assert (run / "killed_self_at_epoch").read_text() == "1"
     done = {p.name: p.stat().st_mtime_ns for p in (run / "metrics").glob("train_iter_*.json")}
     assert set(done) == {"train_iter_000.json"}
     first = load(run / "metrics" / "train_iter_000.json")
-    resumed = trainers.run("resumed", [*common, "--ckpt_path", "last"])
+    resumed = trainers.run("resumed", [*common, "--ckpt_path", "last"], timeout=DEADLINE)
     assert resumed.exitcode == 0, resumed.stderr[-3000:]
     assert (run / "metrics" / "train_iter_000.json").stat().st_mtime_ns == done["train_iter_000.json"]
     assert without_times(load(run / "metrics" / "train_iter_000.json")) == without_times(first)
@@ -253,3 +273,21 @@ def test_a_trainer_killed_with_rollouts_in_flight_resumes_from_last(tmp_path: Pa
         assert load(run / "metrics" / f"train_iter_{i:03d}.json")["problem_seeds"] == seeds_of(run, i)
     evals = sorted(p.name for p in (run / "metrics").glob("eval_iter_*.json"))
     assert evals == ["eval_iter_000.json", "eval_iter_001.json", "eval_iter_002.json"]
+
+
+@pytest.mark.slow
+def test_an_attached_server_lost_while_running_ahead_stops_the_run_in_one_line(tmp_path: Path) -> None:
+    """The generation thread's failure is the run's: one line, exit code 1, no hang."""
+    config = ServerConfig(api_key=API_KEY, device="cpu", startup_timeout=300, extra_args=["--num-threads", "1"])
+    trainers = Trainers(tmp_path / "trainers")
+    (tmp_path / "trainers").mkdir()
+    with ManagedServer(config, model="tiny-sat", log_path=tmp_path / "server.log") as doomed:
+        run = trainers.run("lost", [*TINY, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                                    "--trainer.logger.init_args.name", "lost", "--data.max_staleness", "1",
+                                    "--data.server.urls", f"[{doomed.urls[0]}]", "--data.eval.num_problems", "0",
+                                    "--trainer.callbacks+=fault_probes.KillAhead", "--trainer.callbacks.iteration", "2",
+                                    "--trainer.callbacks.target", str(doomed.pid)], timeout=DEADLINE)
+    assert run.exitcode == 1 and "Traceback" not in run.stderr
+    [line] = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+    assert doomed.urls[0] in line and "during iteration 2: generating" in line and "--ckpt_path last" in line
+    assert load(tmp_path / "lost" / "version_0" / "metrics" / "train_iter_000.json")["rollout/policy_version"] == 0
