@@ -140,7 +140,14 @@ class RolloutService:
         if self._eval_pool is not None:
             self._eval_pool.shutdown(wait=False, cancel_futures=True)
         thread, self._thread = self._thread, None
-        self.server.stop()  # a request in flight fails at once instead of running to its end
+        # A restart in progress on the generation thread finishes first: stopping the server
+        # under it would leave the process it launches next running.
+        restarting = not self._restart_lock.acquire(timeout=self.server.config.stop_timeout)
+        try:
+            self.server.stop()  # a request in flight fails at once instead of running to its end
+        finally:
+            if not restarting:
+                self._restart_lock.release()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=self.server.config.stop_timeout)
 
@@ -206,6 +213,8 @@ class RolloutService:
                         f"(data.server.max_restarts={cfg.max_restarts}): {exc}"
                     ) from exc
                 with self._restart_lock:
+                    if self._closing:
+                        raise
                     if self._restarts_seen != restarts_before:
                         continue  # the other thread restarted it meanwhile: just send again
                     weights = self.server.served_weights or self.server.model
