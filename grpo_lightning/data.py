@@ -178,6 +178,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.train_seeds: list[int] = []
         self.eval_seeds: list[int] = []
         self._records: dict[int, IterationRecord] = {}
+        self._loader: tuple[int, DataLoader] | None = None
         self.run_dir: Path | None = None
 
     def _validate(self) -> None:
@@ -319,7 +320,11 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        iteration = trainer.current_epoch if trainer is not None else 0
+        # Epochs processed, not ``current_epoch``: on a resume Lightning builds the first loader
+        # before it updates ``current_epoch`` from the checkpoint, then builds it again.
+        iteration = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        if self._loader is not None and self._loader[0] == iteration:
+            return self._loader[1]  # asked twice for one iteration: the same rollouts, generated once
         if trainer is not None and trainer.max_epochs is not None and trainer.fit_loop.epoch_progress.current.processed >= trainer.max_epochs:
             # Resuming a finished run: Lightning asks for data before it sees there is nothing
             # left to do; an empty loader ends the fit instead of generating an iteration for nothing.
@@ -355,7 +360,8 @@ class RolloutDataModule(pl.LightningDataModule):
             share_prompts=self.share_prompts,
         )
         micro = MicroBatchDataset(dataset, schedule, pad_id=self.tokenizer.pad_token_id, share_prompts=self.share_prompts)
-        return DataLoader(micro, batch_size=None, shuffle=False, num_workers=0)
+        self._loader = (iteration, DataLoader(micro, batch_size=None, shuffle=False, num_workers=0))
+        return self._loader[1]
 
 
 def _server_checks(c: ServerConfig) -> dict[str, bool]:
