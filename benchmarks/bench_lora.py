@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from grpo_lightning.inference.launch import ManagedServer, ServerConfig, sync_weights
+from grpo_lightning.inference.launch import ManagedServer, ServerConfig
+from grpo_lightning.inference.weight_sync import sync_weights
 from grpo_lightning.lora import LoraArgs
 from grpo_lightning.models import load_tokenizer, resolve_model_path
 from grpo_lightning.module import GRPOModule

@@ -1,11 +1,9 @@
-"""Callbacks of the GRPO loop: weight sync, evaluation, metrics files, HF checkpoints.
+"""Callbacks of the GRPO loop: weight sync, evaluation, metrics files, HF checkpoints, last.ckpt.
 
-The order inside one epoch (= iteration ``i``) does not depend on the order of the callbacks:
-rollouts are generated when the epoch's dataloader is built; the last micro-batch's
-``on_train_batch_end`` pushes the new weights to the server; ``on_train_epoch_end`` then
-evaluates (with the new weights), writes ``metrics/train_iter_{i}.json`` and the HF
-checkpoint; ``IterationCheckpoint`` writes ``checkpoints/last.ckpt`` last (and once before the
-first iteration), so a run killed at any point resumes losing at most the iteration in progress.
+Each is one concern; none reads another's state. What they share is the iteration's public
+record (``RolloutDataModule.record``: rollouts and statistics, the sync report, the
+evaluation), and the rollout service they ask for a sync or an evaluation. The order they run
+in is written once, in ``cli.iteration_callbacks``.
 
 TensorBoard steps count policy updates: rollouts and losses of iteration ``i`` come from the
 policy after ``i`` iterations (step ``i``); the evaluation after iteration ``i`` is step
@@ -19,6 +17,7 @@ import os
 import pickle
 import shutil
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from .data import RolloutDataModule
-from .inference.launch import ServerUnreachable, sync_weights
+from .inference.service import IterationRecord, RolloutService
 from .module import GRPOModule, NonFiniteError
 from .rollouts import Rollout
 from .runfiles import replace_durably, write_json_atomic
@@ -123,6 +122,20 @@ def _link_tree(source: Path, target: Path) -> bool:
     return True
 
 
+def _record(trainer: pl.Trainer) -> IterationRecord:
+    """The current iteration's public record (see ``RolloutDataModule.record``)."""
+    dm = trainer.datamodule
+    assert isinstance(dm, RolloutDataModule)
+    return dm.record(trainer.current_epoch)
+
+
+def _service(trainer: pl.Trainer) -> RolloutService:
+    """The rollout service (rank zero)."""
+    dm = trainer.datamodule
+    assert isinstance(dm, RolloutDataModule) and dm.service is not None
+    return dm.service
+
+
 class WeightSyncCallback(pl.Callback):
     """Pushes the policy to the inference server after each iteration, and after a resume."""
 
@@ -133,9 +146,6 @@ class WeightSyncCallback(pl.Callback):
                 the built-in server, a log-probability probe elsewhere) and fail otherwise.
         """
         self.verify = verify
-        self.last_report: dict[str, Any] = {}
-        self.synced: tuple[Path, int] | None = None
-        """The folder last pushed and the optimizer step its weights are from."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A launched server starts with the original weights; a resumed run must serve the
@@ -145,22 +155,27 @@ class WeightSyncCallback(pl.Callback):
         if trainer.ckpt_path or attached:
             self.sync(trainer, pl_module, reason="resume" if trainer.ckpt_path else "attach")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx == trainer.num_training_batches - 1:
-            self.sync(trainer, pl_module, reason="iteration")
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The weights after iteration i are policy version i + 1.
+        self.sync(trainer, pl_module, reason="iteration", version=trainer.current_epoch + 1)
 
-    def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+    def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str, version: int | None = None) -> None:
         assert isinstance(pl_module, GRPOModule)
         dm = trainer.datamodule
         assert isinstance(dm, RolloutDataModule)
+        record = dm.record(trainer.current_epoch) if reason == "iteration" else IterationRecord(-1)
         # The built-in server's checksum already proves which weights it serves; the
         # log-probability probe (a generation plus a forward pass) is for vLLM and SGLang.
         probe = pl_module.probe_logprobs if self.verify and dm.server_config.backend != "builtin" else None
+        if trainer.is_global_zero:
+            # Requests generating ahead on the weights now in the sync folder (a server that fails
+            # meanwhile restarts on that folder) finish before the folder is overwritten.
+            _service(trainer).drain(version)
         if pl_module.sharded:
             # Gathering the weights and the probe's forward pass are collectives: every rank joins.
             t0 = time.perf_counter()
             folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
-            self.synced = (folder, trainer.global_step)
+            record.synced = (folder, trainer.global_step)
             if probe is not None:
                 probe = RankZeroCalls(probe, trainer.strategy.broadcast)
                 if not trainer.is_global_zero:
@@ -169,19 +184,14 @@ class WeightSyncCallback(pl.Callback):
             if not pl_module.sharded:
                 t0 = time.perf_counter()
                 folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
-                self.synced = (folder, trainer.global_step)
+                record.synced = (folder, trainer.global_step)
             save_s = time.perf_counter() - t0
-            assert dm.server is not None
             try:
-                report = sync_weights(dm.server, folder, probe=probe)
-            except ServerUnreachable as exc:
-                if dm.server.managed:
-                    raise
-                raise dm.server_lost(f"the weight sync ({reason})", exc) from exc
+                report = _service(trainer).sync(folder, reason=reason, version=version, probe=probe)
             finally:
                 if isinstance(probe, RankZeroCalls):
                     probe.close()
-            self.last_report = {
+            record.sync = {
                 "time/sync_s": save_s + report.seconds + report.verify_seconds,
                 "time/sync_save_s": save_s,
                 "time/sync_verify_s": report.verify_seconds,
@@ -189,75 +199,110 @@ class WeightSyncCallback(pl.Callback):
                 "sync/verified": report.verified,
                 "sync/reason": reason,
             }
-            rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {self.last_report['time/sync_s']:.2f}s")
+            rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {record.sync['time/sync_s']:.2f}s")
         trainer.strategy.barrier("weight_sync")
 
 
 class EvaluationCallback(pl.Callback):
-    """Scores the fixed eval set before training and every ``data.eval.interval`` iterations."""
+    """Scores the fixed eval set before training and every ``data.eval.interval`` iterations.
+
+    With ``data.max_staleness >= 1`` the evaluation after iteration ``i`` runs on the service's
+    evaluation thread while iteration ``i + 1`` trains; its results are written once it has
+    finished (at the latest after the next iteration, whose sync waits for it, or at the end of
+    the fit). A run killed before they were written evaluates that iteration's weights again
+    when it resumes (they are exactly the restored weights)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Future, str, int, int]] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         assert isinstance(dm, RolloutDataModule)
         path = run_dir(trainer) / "metrics" / "eval_baseline.json"
-        if dm.eval_config.baseline and dm.eval_config.num_problems and not path.exists():
-            self.evaluate(trainer, "baseline", step=0)
+        if dm.eval_config.baseline and dm.eval_config.num_problems and not path.exists() and trainer.is_global_zero:
+            self.evaluate(trainer, "baseline", step=0, iteration=-1, wait=True)
         trainer.strategy.barrier("eval_baseline")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loop's state is restored by now (it is not at ``on_fit_start``).
+        done = trainer.current_epoch - 1  # the last completed iteration of a resumed run
+        missing = not (run_dir(trainer) / "metrics" / f"eval_iter_{done:03d}.json").exists()
+        if trainer.is_global_zero and done >= 0 and self.due(trainer, done) and missing:
+            self.evaluate(trainer, f"iter_{done:03d}", step=done + 1, iteration=done, wait=False)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = trainer.datamodule
-        assert isinstance(dm, RolloutDataModule)
         i = trainer.current_epoch
-        last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
-        if dm.eval_config.num_problems and ((i + 1) % dm.eval_config.interval == 0 or last):
-            self.evaluate(trainer, f"iter_{i:03d}", step=i + 1)
+        if trainer.is_global_zero:
+            self.write_finished(trainer, wait=False)
+            if self.due(trainer, i):
+                last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
+                self.evaluate(trainer, f"iter_{i:03d}", step=i + 1, iteration=i, wait=last)
         trainer.strategy.barrier("eval")
 
-    def evaluate(self, trainer: pl.Trainer, tag: str, step: int) -> dict[str, float] | None:
-        if not trainer.is_global_zero:
-            return None
-        dm = trainer.datamodule
-        metrics, rollouts = dm.evaluate()
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write_finished(trainer, wait=True)
+
+    @staticmethod
+    def due(trainer: pl.Trainer, i: int) -> bool:
+        cfg = trainer.datamodule.eval_config
+        last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
+        return bool(cfg.num_problems) and ((i + 1) % cfg.interval == 0 or last)
+
+    def evaluate(self, trainer: pl.Trainer, tag: str, step: int, iteration: int, wait: bool) -> None:
+        """Evaluate the weights the server serves now (rank zero); ``wait``: write the results
+        before returning."""
+        self._pending.append((_service(trainer).submit_evaluation(), tag, step, iteration))
+        self.write_finished(trainer, wait=wait)
+
+    def write_finished(self, trainer: pl.Trainer, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][0].done()):
+            future, tag, step, iteration = self._pending.pop(0)
+            metrics, rollouts = future.result()
+            self.write(trainer, tag, step, metrics, rollouts)
+            if iteration >= 0:
+                trainer.datamodule.record(iteration).eval = metrics
+
+    def write(self, trainer: pl.Trainer, tag: str, step: int, metrics: dict[str, float], rollouts: list[Rollout]) -> None:
         write_json_atomic(run_dir(trainer) / "metrics" / f"eval_{tag}.json", {"step": step, **metrics})
         _log_scalars(trainer, {f"eval/{k}": v for k, v in metrics.items()}, step)
         tb = _tensorboard(trainer)
         if tb is not None:
             tb.add_histogram("eval/rewards", torch.tensor([r.reward for r in rollouts]), step)
-            tb.add_text("eval/samples", _samples_markdown(rollouts, dm.eval_config.num_samples_logged), step)
+            tb.add_text("eval/samples", _samples_markdown(rollouts, trainer.datamodule.eval_config.num_samples_logged), step)
         rank_zero_info(
             f"eval {tag}: success {metrics['success_rate']:.3f}, reward {metrics['reward_mean']:.3f} "
             f"({int(metrics['num_completions'])} completions, {metrics['time/eval_s']:.1f}s)"
         )
-        return metrics
 
 
 class MetricsFileCallback(pl.Callback):
-    """Writes ``metrics/train_iter_XXX.json`` and the iteration's TensorBoard scalars and samples."""
+    """Writes ``metrics/train_iter_XXX.json`` and the iteration's TensorBoard scalars and samples,
+    from the iteration's record."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, GRPOModule)
-        dm = trainer.datamodule
-        assert isinstance(dm, RolloutDataModule)
         metrics = pl_module.iteration_summary()  # collective: every rank calls it
         if not trainer.is_global_zero:
             return
         i = trainer.current_epoch
-        sync = next((cb.last_report for cb in trainer.callbacks if isinstance(cb, WeightSyncCallback)), {})
-        stats = {k: v for k, v in dm.last_stats.items() if k != "problem_seeds"}
-        stats["server/restarts"] = dm.server.recoveries if dm.server is not None else 0
-        payload = {"iteration": i, **stats, **metrics, **sync, "problem_seeds": dm.last_stats.get("problem_seeds", [])}
+        record = _record(trainer)
+        sync = record.sync
+        stats = {k: v for k, v in record.stats.items() if k != "problem_seeds"}
+        payload = {"iteration": i, **stats, **metrics, **sync, "problem_seeds": record.stats.get("problem_seeds", [])}
         write_json_atomic(run_dir(trainer) / "metrics" / f"train_iter_{i:03d}.json", payload)
         _log_scalars(trainer, {**stats, **metrics, **{k: v for k, v in sync.items() if k.startswith("time/")}}, step=i)
         tb = _tensorboard(trainer)
-        if tb is not None and dm.last_rollouts:
-            tb.add_histogram("train/rewards", torch.tensor([r.reward for r in dm.last_rollouts]), i)
-            tb.add_histogram("train/advantages", torch.tensor([r.advantage for r in dm.last_rollouts]), i)
-            tb.add_text("train/samples", _samples_markdown(dm.last_rollouts, dm.num_samples_logged), i)
+        if tb is not None and record.rollouts:
+            tb.add_histogram("train/rewards", torch.tensor([r.reward for r in record.rollouts]), i)
+            tb.add_histogram("train/advantages", torch.tensor([r.advantage for r in record.rollouts]), i)
+            tb.add_text("train/samples", _samples_markdown(record.rollouts, trainer.datamodule.num_samples_logged), i)
         rank_zero_info(
             f"iteration {i}: reward {stats.get('reward/reward_mean', math.nan):.3f}, success "
             f"{stats.get('reward/success_rate', math.nan):.3f}, loss {metrics.get('train/loss', math.nan):.4f}, "
             f"gen {stats.get('time/generate_s', 0):.1f}s train {metrics.get('time/train_s', 0):.1f}s "
-            f"sync {sync.get('time/sync_s', 0):.2f}s"
+            f"sync {sync.get('time/sync_s', 0):.2f}s wait {stats.get('time/wait_rollouts_s', 0):.1f}s "
+            f"staleness {stats.get('rollout/staleness_max', 0)}"
         )
 
 
@@ -284,8 +329,7 @@ class HFCheckpointCallback(pl.Callback):
         last = trainer.max_epochs is not None and i == trainer.max_epochs - 1
         if (trainer.is_global_zero or pl_module.sharded) and ((i + 1) % self.save_interval == 0 or last):
             folder = run_dir(trainer) / "checkpoints"
-            sync = next((c for c in trainer.callbacks if isinstance(c, WeightSyncCallback)), None)
-            synced = sync.synced if sync is not None else None
+            synced = _record(trainer).synced
             same_as = synced[0] if synced is not None and synced[1] == trainer.global_step else None
             save_hf_atomic(pl_module, folder / f"iter_{i:03d}", same_as=same_as)
             if trainer.is_global_zero:

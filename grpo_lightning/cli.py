@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import (
@@ -126,6 +126,13 @@ class GRPOCLI(LightningCLI):
             config = self.config[self.subcommand]
             check_strategy(bool(config.get("model.lora.enabled")), config.get("trainer.strategy"))
             resolve_last_checkpoint(config)
+            no_hp_metric(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        extra = {key: self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys}
+        steps = iteration_callbacks(extra.pop("weight_sync"), extra.pop("checkpoint"))
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, [*extra.values(), *steps])
 
     def validate(self, model: GRPOModule, datamodule: RolloutDataModule, ckpt_path: str | None = None, **_: Any) -> None:
         """Evaluate a policy (the config's model, or ``--ckpt_path``) on the eval set."""
@@ -135,14 +142,13 @@ class GRPOCLI(LightningCLI):
             model.load_state_dict(checkpoint_state_dict(ckpt_path, model, trainer), strict=model.strict_loading)
         datamodule.trainer = trainer
         datamodule.setup("validate")
+        service = datamodule.service
+        assert service is not None
         try:
             if ckpt_path:
-                from .inference.launch import sync_weights
-
                 folder = save_hf_atomic(model, run_dir(trainer) / "sync_weights")
-                assert datamodule.server is not None
-                sync_weights(datamodule.server, folder, probe=model.probe_logprobs)
-            metrics, _ = datamodule.evaluate()
+                service.sync(folder, reason="validate", probe=model.probe_logprobs)
+            metrics, _ = service.evaluate()
             write_json_atomic(run_dir(trainer) / "metrics" / "eval_validate.json", {"ckpt_path": ckpt_path, **metrics})
             width = max(map(len, metrics))
             print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
@@ -194,12 +200,36 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "lightning_logs", "name": "default"},
         },
-        "callbacks": [
-            EvaluationCallback(),
-            MetricsFileCallback(),
-            IterationCheckpoint(),
-        ],
     }
+
+
+def iteration_callbacks(weight_sync: WeightSyncCallback, hf_checkpoint: HFCheckpointCallback) -> list[Callback]:
+    """The steps that follow an iteration's training, in the order they run.
+
+    Lightning calls the hooks of its callbacks in list order (checkpoint callbacks last, which
+    ``IterationCheckpoint`` is anyway), so this list is the order of one iteration ``i``, after
+    its rollouts were handed over by the data module and trained on:
+
+    1. ``WeightSyncCallback``: the new weights (policy version ``i + 1``) go to the server;
+       at fit start it also serves a resumed run's restored weights before anything else.
+    2. ``EvaluationCallback``: the eval set on those weights (beside the generation ahead when
+       ``data.max_staleness >= 1``); at fit start, the baseline.
+    3. ``MetricsFileCallback``: ``metrics/train_iter_{i}.json`` and TensorBoard, from the
+       iteration's record (rollouts, statistics, sync report).
+    4. ``HFCheckpointCallback``: ``checkpoints/iter_{i}`` (hard links to the folder just synced).
+    5. ``IterationCheckpoint``: ``checkpoints/last.ckpt``, last, so a run killed anywhere before
+       it resumes from the previous iteration (also written once before the first iteration).
+    """
+    return [weight_sync, EvaluationCallback(), MetricsFileCallback(), hf_checkpoint, IterationCheckpoint()]
+
+
+def no_hp_metric(config: Namespace) -> None:
+    """TensorBoard's ``hp_metric`` is a placeholder Lightning logs (-1) when no metric is given
+    with the hyperparameters; we log none, so it is turned off."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            logger.init_args.default_hp_metric = False
 
 
 def build_cli(args: list[str] | None, run: bool = True, **parser_kwargs: Any) -> GRPOCLI:

@@ -1,47 +1,33 @@
-"""RolloutDataModule: fresh rollouts from the inference server at every epoch (= GRPO iteration).
+"""RolloutDataModule: fresh rollouts at every epoch (= GRPO iteration), from the rollout service.
 
-The data module owns the inference server (managed or attached), the rollout client and the
-environment. ``train_dataloader`` is called once per epoch (``reload_dataloaders_every_n_epochs=1``):
-it generates the iteration's rollouts with the weights the server serves now, scores them,
-computes advantages and returns the iteration's micro-batches. ``evaluate`` scores the fixed
-eval set for the evaluation callback.
+``setup`` starts the ``RolloutService`` (the inference server, managed or attached, its client,
+restarts, weight sync and evaluation requests; rank zero only). ``train_dataloader`` is called
+once per epoch (``reload_dataloaders_every_n_epochs=1``): it asks the service for the
+iteration's scored rollouts (with advantages), broadcasts them to the other ranks, keeps them in
+the iteration's public ``record`` and returns the iteration's micro-batches.
 
-A launched server that crashes or hangs during generation is restarted on the weights it served
-and the round is sent again (``server/restarts`` counts it); an attached server lost for longer
-than the retry budget, during generation or the weight sync, stops the run with
-``ServerUnavailable`` (``checkpoints/last.ckpt`` holds the last completed iteration:
-``--ckpt_path last`` resumes from there).
+With ``data.max_staleness = 0`` the rollouts are generated right there, with the weights the
+server serves now; with ``k >= 1`` the service generates them ahead, on a policy at most ``k``
+iterations old, while the trainer trains (see ``inference/service.py``).
 """
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader
 
 from .envs import Environment, make_env
-from .inference.client import RetriesExhausted, RolloutClient, SamplingParams, ServerUnavailable
+from .inference.client import SamplingParams
 from .inference.launch import ManagedServer, ServerConfig, check_parallel
+from .inference.service import IterationRecord, RolloutRecipe, RolloutService
 from .lora import LoraArgs
-from .metrics import all_equal, group_summary, zero_std_fraction
 from .models import load_tokenizer, stop_token_ids
-from .rollouts import (
-    MicroBatchDataset,
-    Rollout,
-    RolloutDataset,
-    RolloutGenerator,
-    assign_advantages,
-    build_schedule,
-    sampling_seed,
-)
+from .rollouts import MicroBatchDataset, RolloutDataset, build_schedule, sampling_seed
 
 
 @dataclass
@@ -95,6 +81,7 @@ class RolloutDataModule(pl.LightningDataModule):
         share_prompts: bool = True,
         seed: int = 0,
         lora: LoraArgs = LoraArgs(),
+        max_staleness: int = 0,
     ) -> None:
         """
         Args:
@@ -135,6 +122,22 @@ class RolloutDataModule(pl.LightningDataModule):
             share_prompts: linked from ``model.share_prompts``.
             seed: linked from ``seed_everything``: base of every sampling seed.
             lora: linked from ``model.lora``: a launched server is started to take adapters.
+            max_staleness: k, how many policy updates old a trained rollout may be. 0 (default):
+                the synchronous loop: an iteration's rollouts are generated when the trainer asks
+                for them, by the weights just trained, and the server idles while the trainer
+                trains. k >= 1: the service generates the next iterations' rollouts in a
+                background thread while the trainer trains; iteration ``j`` is sampled by exactly
+                the policy after ``max(0, j - k)`` iterations (each ``Rollout.policy_version``
+                says which; ``rollout/staleness_*`` logs it), and the weights go to the server as
+                soon as an iteration's training ends. Rollouts in flight are never interrupted:
+                a sync waits until no request needs the weights it replaces. The PPO ratio is
+                taken against the server's behaviour log-probabilities, so stale rollouts stay
+                correctly weighted (with ``model.tis_cap``, against the trainer's own at the
+                start of the iteration). The same idea as TRL's ``AsyncGRPOTrainer``
+                (``max_staleness``), verl's one-step off-policy mode (k = 1) and PipelineRL
+                (Piche et al. 2025). Problem and sampling seeds stay a function of (seed,
+                iteration), so a run is reproducible in what it samples; on resume the
+                iterations generated ahead are regenerated on the restored weights.
         """
         super().__init__()
         self.env_name = env
@@ -164,20 +167,27 @@ class RolloutDataModule(pl.LightningDataModule):
         self.share_prompts = share_prompts
         self.seed = seed
         self.lora = LoraArgs(**lora) if isinstance(lora, dict) else lora
+        self.max_staleness = max_staleness
         self._validate()
         self.make_env()  # unknown environment names and options fail here, before any model loads
 
-        self.server: ManagedServer | None = None
-        self.client: RolloutClient | None = None
+        self.service: RolloutService | None = None
+        """The rollout service (rank zero, after ``setup``)."""
         self.tokenizer: Any = None
         self.stop_token_ids: list[int] = []
         self.train_seeds: list[int] = []
         self.eval_seeds: list[int] = []
-        self.last_stats: dict[str, Any] = {}
-        self.last_rollouts: list[Rollout] = []
+        self._records: dict[int, IterationRecord] = {}
+        self._loader: tuple[int, DataLoader] | None = None
         self.run_dir: Path | None = None
 
     def _validate(self) -> None:
+        k = self.max_staleness
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(
+                f"data.max_staleness={k!r} must be a whole number >= 0 (0: synchronous; k: rollouts "
+                "at most k policy updates old)"
+            )
         checks = {
             "problems_per_iteration": self.problems_per_iteration >= 1,
             "rollouts_per_problem": self.rollouts_per_problem >= 2,
@@ -243,10 +253,10 @@ class RolloutDataModule(pl.LightningDataModule):
                 f"the training range (train seeds {self.train_seeds[0]}..{self.train_seeds[-1]}); move it"
             )
         if self.trainer is None or self.trainer.is_global_zero:
-            self.start_server()
+            self.start_service()
 
-    def start_server(self) -> None:
-        self.server = ManagedServer(
+    def start_service(self) -> None:
+        server = ManagedServer(
             self.server_config,
             self.model_name_or_path,
             # Outside a run (tests, scripts) ManagedServer picks a temporary file.
@@ -254,14 +264,17 @@ class RolloutDataModule(pl.LightningDataModule):
             trust_remote_code=self.trust_remote_code,
             lora=(self.lora.rank, list(self.lora.target_modules)) if self.lora.enabled else None,
         )
-        self.server.start()
-        self.client = self.server.client(tokenizer=self.tokenizer)
+        self.service = RolloutService(server, self.tokenizer, self.make_env, self.recipe, self.max_staleness)
+        try:
+            self.service.start()
+        except BaseException:
+            self.service = None
+            raise
 
     def teardown(self, stage: str) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-            self.client = None
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
 
     def on_exception(self, exception: BaseException) -> None:
         # Lightning skips ``teardown`` when fit fails; a launched server must not outlive the run.
@@ -269,126 +282,49 @@ class RolloutDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ rollouts
 
-    def sampling_params(self, temperature: float | None = None) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens,
-            temperature=self.temperature if temperature is None else temperature,
+            temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             stop_token_ids=self.stop_token_ids,
         )
 
-    def generator(self, temperature: float | None = None) -> RolloutGenerator:
-        if self.client is None:
-            raise RuntimeError("the inference server is not running on this rank (call setup first)")
-        if self.server is not None and self.server.adapter is not None:
-            self.client.adapter = self.server.adapter[0]  # the policy's newest LoRA adapter
-        return RolloutGenerator(self.client, self.tokenizer, self.make_env, self.sampling_params(temperature))
-
-    def iteration_seeds(self, iteration: int) -> list[int]:
-        """The reference's rule: ``seeds[(iteration * P + j) % N]``."""
-        p, n = self.problems_per_iteration, len(self.train_seeds)
-        return [self.train_seeds[(iteration * p + j) % n] for j in range(p)]
-
-    def _generate(self, gen: RolloutGenerator, seeds: list[int], n: int, seed_tag: str, description: str) -> list[list[Rollout]]:
-        """``gen.generate`` that survives a launched server crashing or hanging: once the client's
-        retry budget is spent, the server is restarted on the weights it served and the round's
-        requests are sent again (same sampling seeds, so the same rollouts). An attached server
-        lost for longer than the retry budget stops the run with ``ServerUnavailable``."""
-        server, cfg = self.server, self.server_config
-        assert server is not None
-        failures = 0
-        while True:
-            try:
-                with _progress(description, len(seeds)) as advance:
-                    return gen.generate(seeds, n, seed_tag=seed_tag, on_done=advance)
-            except RetriesExhausted as exc:
-                if not server.managed:
-                    raise self.server_lost(description, exc) from exc
-                failures += 1
-                if failures > cfg.max_restarts:
-                    raise ServerUnavailable(
-                        f"the inference server at {server.urls[0]} kept failing after {failures - 1} restarts "
-                        f"(data.server.max_restarts={cfg.max_restarts}): {exc}"
-                    ) from exc
-                weights = server.served_weights or server.model
-                rank_zero_warn(f"{description}: the inference server failed ({exc}); restarting it on {weights}")
-                seconds = server.recover()
-                rank_zero_info(f"inference server restarted on {weights} in {seconds:.1f}s; sending the requests again")
-
-    def server_lost(self, during: str, exc: Exception) -> ServerUnavailable:
-        """The one-line stop of a run whose attached server stayed away longer than the retry budget."""
-        assert self.server is not None
-        cfg = self.server_config
-        return ServerUnavailable(
-            f"lost the inference server {', '.join(self.server.urls)} during {during} for longer than the "
-            f"retry budget (data.server.max_retries={cfg.max_retries}, backoff={cfg.backoff:g}s): {exc}; "
-            "the last completed iteration is in checkpoints/last.ckpt: resume with --ckpt_path last "
-            "once the server answers again"
+    @property
+    def recipe(self) -> RolloutRecipe:
+        """What an iteration's rollouts are (available after ``setup``)."""
+        return RolloutRecipe(
+            train_seeds=self.train_seeds,
+            problems_per_iteration=self.problems_per_iteration,
+            rollouts_per_problem=self.rollouts_per_problem,
+            seed=self.seed,
+            sampling=self.sampling_params(),
+            dynamic_sampling=self.dynamic_sampling,
+            dynamic_sampling_max_rounds=self.dynamic_sampling_max_rounds,
+            scale_rewards=self.scale_rewards,
+            advantage_eps=self.advantage_eps,
+            mask_truncated_completions=self.mask_truncated_completions,
+            eval_seeds=self.eval_seeds,
+            eval_replicates=self.eval_config.replicates,
+            eval_temperature=self.eval_config.temperature,
         )
 
-    def generate_iteration(self, iteration: int) -> tuple[list[list[Rollout]], dict[str, Any]]:
-        """Generate, score and (optionally) filter the groups of one iteration."""
-        gen = self.generator()
-        g = self.rollouts_per_problem
-        seeds = self.iteration_seeds(iteration)
-        t0 = time.perf_counter()
-        groups = self._generate(gen, seeds, g, f"{self.seed}:train:{iteration}", f"iteration {iteration}: generating")
-        all_groups = list(groups)
-        rounds = 0
-        if self.dynamic_sampling:
-            kept = [grp for grp in groups if not all_equal([r.reward for r in grp])]
-            used = set(seeds)
-            while len(kept) < len(seeds) and rounds < self.dynamic_sampling_max_rounds:
-                rounds += 1
-                pool = [s for s in self.train_seeds if s not in used]
-                if not pool:
-                    break
-                rng = random.Random(sampling_seed(self.seed, "dynamic", iteration, rounds))
-                extra = rng.sample(pool, min(len(pool), len(seeds) - len(kept)))
-                used.update(extra)
-                new = self._generate(
-                    gen, extra, g, f"{self.seed}:train:{iteration}:{rounds}", f"iteration {iteration}: refilling (round {rounds})"
-                )
-                all_groups += new
-                kept += [grp for grp in new if not all_equal([r.reward for r in grp])]
-            groups = kept[: len(seeds)]
-            if not groups:
-                # An empty iteration would make Lightning stop the whole fit ("No training
-                # batches") with exit code 0 and no metrics: keep the loop going instead.
-                rank_zero_warn(
-                    f"iteration {iteration}: no group had different rewards after {rounds} refill rounds "
-                    f"(data.dynamic_sampling_max_rounds={self.dynamic_sampling_max_rounds}); training on "
-                    "the iteration's own groups, whose advantages are all 0"
-                )
-                groups = all_groups[: len(seeds)]
-        gen_seconds = time.perf_counter() - t0
-        assign_advantages(groups, self.scale_rewards, self.advantage_eps, self.mask_truncated_completions)
-        rewards = [[r.reward for r in grp] for grp in all_groups]
-        successes = [[r.success for r in grp] for grp in all_groups]
-        flat = [r for grp in all_groups for r in grp]
-        comp_names = list(flat[0].components) if flat else []
-        stats: dict[str, Any] = {
-            **{f"reward/{k}": v for k, v in group_summary(rewards, successes, ks=()).items()},
-            **{f"reward_component/{c}": sum(r.components[c] for r in flat) / max(1, len(flat)) for c in comp_names},
-            "frac_reward_zero_std": zero_std_fraction(rewards),
-            "reward/nonfinite": len(gen.nonfinite_rewards),
-            "completion_tokens_mean": sum(len(r.completion_ids) for r in flat) / max(1, len(flat)),
-            "completion_tokens_max": max((len(r.completion_ids) for r in flat), default=0),
-            "prompt_tokens_mean": sum(len(r.prompt_ids) for r in flat) / max(1, len(flat)),
-            "truncated_fraction": sum(r.truncated for r in flat) / max(1, len(flat)),
-            "tokens_generated": sum(len(r.completion_ids) for r in flat),
-            "groups_trained": len(groups),
-            "dynamic_sampling_rounds": rounds,
-            "problem_seeds": [grp[0].problem_seed for grp in groups],
-            "time/generate_s": gen_seconds - gen.score_seconds,
-            "time/score_s": gen.score_seconds,
-        }
-        return groups, stats
+    def record(self, iteration: int) -> IterationRecord:
+        """The public record of ``iteration`` (its rollouts and statistics once its dataloader
+        is built; the callbacks add the sync and the evaluation)."""
+        if iteration not in self._records:
+            self._records = {k: v for k, v in self._records.items() if k >= iteration - 1}  # keep two
+            self._records[iteration] = IterationRecord(iteration)
+        return self._records[iteration]
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        iteration = trainer.current_epoch if trainer is not None else 0
+        # Epochs processed, not ``current_epoch``: on a resume Lightning builds the first loader
+        # before it updates ``current_epoch`` from the checkpoint, then builds it again.
+        iteration = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        if self._loader is not None and self._loader[0] == iteration:
+            return self._loader[1]  # asked twice for one iteration: the same rollouts, generated once
         if trainer is not None and trainer.max_epochs is not None and trainer.fit_loop.epoch_progress.current.processed >= trainer.max_epochs:
             # Resuming a finished run: Lightning asks for data before it sees there is nothing
             # left to do; an empty loader ends the fit instead of generating an iteration for nothing.
@@ -397,9 +333,10 @@ class RolloutDataModule(pl.LightningDataModule):
         payload: Any = None
         distributed = trainer is not None and trainer.world_size > 1
         if trainer is None or trainer.is_global_zero:
+            assert self.service is not None
+            end = trainer.max_epochs if trainer is not None and trainer.max_epochs not in (None, -1) else None
             try:
-                groups, stats = self.generate_iteration(iteration)
-                payload = ([r for grp in groups for r in grp], stats)
+                payload = self.service.rollouts(iteration, end=end)
             except Exception as exc:
                 if not distributed:
                     raise
@@ -408,9 +345,9 @@ class RolloutDataModule(pl.LightningDataModule):
             payload = trainer.strategy.broadcast(payload, src=0)
         if isinstance(payload, Exception):
             raise payload
-        rollouts, stats = payload
-        self.last_rollouts, self.last_stats = rollouts, stats
-        dataset = RolloutDataset(rollouts)
+        record = self.record(iteration)
+        record.rollouts, record.stats = payload
+        dataset = RolloutDataset(record.rollouts)
         schedule = build_schedule(
             dataset,
             num_iterations=self.num_iterations,
@@ -423,22 +360,8 @@ class RolloutDataModule(pl.LightningDataModule):
             share_prompts=self.share_prompts,
         )
         micro = MicroBatchDataset(dataset, schedule, pad_id=self.tokenizer.pad_token_id, share_prompts=self.share_prompts)
-        return DataLoader(micro, batch_size=None, shuffle=False, num_workers=0)
-
-    # ------------------------------------------------------------------ evaluation
-
-    def evaluate(self) -> tuple[dict[str, float], list[Rollout]]:
-        """Score the fixed eval set with the weights the server serves now (rank zero only)."""
-        cfg = self.eval_config
-        gen = self.generator(cfg.temperature)
-        t0 = time.perf_counter()
-        groups = self._generate(gen, self.eval_seeds, cfg.replicates, f"{self.seed}:eval", "evaluating")
-        ks = sorted({1, cfg.replicates} | ({k for k in (2, 4, 8, 16) if k < cfg.replicates}))
-        metrics = group_summary(
-            [[r.reward for r in g] for g in groups], [[r.success for r in g] for g in groups], ks=ks
-        )
-        metrics["time/eval_s"] = time.perf_counter() - t0
-        return metrics, [r for g in groups for r in g]
+        self._loader = (iteration, DataLoader(micro, batch_size=None, shuffle=False, num_workers=0))
+        return self._loader[1]
 
 
 def _server_checks(c: ServerConfig) -> dict[str, bool]:
@@ -468,25 +391,3 @@ def _accepted_seeds(env: Environment, start: int, count: int, max_scan: int = 1_
             seeds.append(s)
         s += 1
     return seeds
-
-
-class _progress:
-    """A rich progress bar over requests; silent when nothing is waiting."""
-
-    def __init__(self, description: str, total: int) -> None:
-        self.description, self.total = description, total
-        self.bar: Progress | None = None
-
-    def __enter__(self):
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-        )
-        task = self.bar.add_task(self.description, total=self.total)
-        self.bar.start()
-        bar = self.bar
-        return lambda _i: bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.bar is not None
-        self.bar.stop()
-        rank_zero_info(f"{self.description}: {self.total} prompts in {self.bar.tasks[0].elapsed or 0:.1f}s")

@@ -49,6 +49,8 @@ class Rollout:
     advantage: float = 0.0
     trainable: bool = True
     """False when the completion is masked out of the loss (truncated, with masking on)."""
+    policy_version: int = 0
+    """The policy that sampled it: the weights after this many iterations (``data.max_staleness``)."""
 
     @property
     def truncated(self) -> bool:

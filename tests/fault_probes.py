@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ class Kill(pl.Callback):
         self._doing: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        for name, phase in (("generate_iteration", "generation"), ("evaluate", "evaluation")):
-            setattr(dm, name, self._marking(getattr(dm, name), phase))
-        client = dm.client
+        service = trainer.datamodule.service
+        for name, phase in (("iteration", "generation"), ("evaluate", "evaluation")):
+            if service is not None:
+                setattr(service, name, self._marking(getattr(service, name), phase))
+        client = service.client if service is not None else None
         if client is not None:
             generate = client.generate
 
@@ -62,15 +64,15 @@ class Kill(pl.Callback):
                 return generate(requests, on_done=done)
 
             client.generate = generate_and_strike
-        if self.phase == "sync":
-            sync = callbacks_module.sync_weights
+        if self.phase == "sync" and service is not None:
+            sync = service.sync
 
             def strike_then_sync(*args: Any, **kwargs: Any) -> Any:
                 if self._armed(trainer):
                     self._strike(trainer)
                 return sync(*args, **kwargs)
 
-            callbacks_module.sync_weights = strike_then_sync
+            service.sync = strike_then_sync
         if self.phase == "checkpoint":
             replace = callbacks_module.replace_durably
 
@@ -113,9 +115,54 @@ class Kill(pl.Callback):
         self.fired = True
         if self.target == "self":
             os.kill(os.getpid(), signal.SIGKILL)
-        pid = trainer.datamodule.server.pid if self.target == "server" else int(self.target)
+        pid = trainer.datamodule.service.pid if self.target == "server" else int(self.target)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
+
+
+class KillAhead(pl.Callback):
+    """SIGKILL ``target`` (``self``, ``server`` or a pid) while iteration ``iteration``'s rollouts are
+    generated ahead (``data.max_staleness >= 1``, on the service's generation thread): when its
+    first request is answered (the others in flight or queued) and iteration ``iteration - 1``
+    has started training (the strike waits for it, so it lands in that phase). Once."""
+
+    def __init__(self, iteration: int, target: str = "server") -> None:
+        self.iteration, self.target = iteration, target
+        self.fired = False
+        self.training = threading.Event()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == self.iteration - 1:
+            self.training.set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        service = trainer.datamodule.service
+        if service is None:
+            return
+        iteration, client_generate = service.iteration, service.client.generate
+        local = threading.local()
+
+        def marked(j: int, *args: Any, **kwargs: Any) -> Any:
+            local.j = j
+            try:
+                return iteration(j, *args, **kwargs)
+            finally:
+                local.j = None
+
+        def generate_and_strike(requests: list[Any], on_done: Any = None) -> Any:
+            def done(i: int) -> None:
+                if on_done is not None:
+                    on_done(i)
+                if getattr(local, "j", None) == self.iteration and not self.fired:
+                    self.fired = True
+                    self.training.wait(timeout=300)
+                    Path(trainer.log_dir, f"killed_{self.target if self.target in ('self', 'server') else 'pid'}_at_epoch").write_text(str(trainer.current_epoch))
+                    pids = {"self": os.getpid(), "server": service.pid}
+                    os.kill(pids.get(self.target) or int(self.target), signal.SIGKILL)
+
+            return client_generate(requests, on_done=done)
+
+        service.iteration, service.client.generate = marked, generate_and_strike
 
 
 class NonFinite(pl.Callback):

@@ -29,7 +29,7 @@ def test_config_instantiates(path: Path, tmp_path: Path) -> None:
         run=False,
     )
     assert isinstance(cli.model, GRPOModule) and cli.model.policy is None  # nothing loaded yet
-    assert isinstance(cli.datamodule, RolloutDataModule) and cli.datamodule.server is None
+    assert isinstance(cli.datamodule, RolloutDataModule) and cli.datamodule.service is None
     config = cli.config
     # Linked values arrive where they are used.
     assert cli.datamodule.model_name_or_path == config.model.model_name_or_path

@@ -62,6 +62,7 @@ from grpo_lightning.inference.client import (
 )
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig, free_port
 from grpo_lightning.inference.server import build_parser
+from grpo_lightning.inference.service import RolloutService
 from grpo_lightning.inference.weights import folder_checksum
 from grpo_lightning.models import load_policy, resolve_model_path
 from grpo_lightning.module import GRPOModule
@@ -337,9 +338,9 @@ class FailingGenerator:
 
 
 class CountingServer:
-    def __init__(self, managed: bool) -> None:
+    def __init__(self, managed: bool, config: ServerConfig) -> None:
         self.managed, self.urls, self.model, self.served_weights = managed, ["http://127.0.0.1:9"], "tiny-sat", None
-        self.recoveries = 0
+        self.recoveries, self.config = 0, config
 
     def recover(self) -> float:
         self.recoveries += 1
@@ -348,18 +349,19 @@ class CountingServer:
 
 @pytest.mark.parametrize("managed", [True, False])
 def test_a_server_that_keeps_failing_stops_the_run_after_max_restarts(managed: bool) -> None:
-    dm = RolloutDataModule(server=ServerConfig(max_restarts=2, urls=None if managed else ["http://127.0.0.1:9"]))
-    dm.server, gen = CountingServer(managed), FailingGenerator()
+    config = ServerConfig(max_restarts=2, urls=None if managed else ["http://127.0.0.1:9"])
+    service = RolloutService(CountingServer(managed, config), None, SATEnv, RolloutDataModule().recipe)
+    gen = FailingGenerator()
     with pytest.raises(ServerUnavailable) as err, warnings.catch_warnings(record=True) as logged:
         warnings.simplefilter("always")
-        dm._generate(gen, [1, 2], 2, "tag", "iteration 0: generating")
+        service.generate(gen, [1, 2], 2, "tag", "iteration 0: generating")
     restarts_logged = [w for w in logged if "restarting it on tiny-sat" in str(w.message)]
     assert len(restarts_logged) == (2 if managed else 0)
     if managed:
-        assert (gen.calls, dm.server.recoveries) == (3, 2)
+        assert (gen.calls, service.restarts) == (3, 2)
         assert "kept failing after 2 restarts (data.server.max_restarts=2)" in str(err.value)
     else:  # an attached server is never ours to restart
-        assert (gen.calls, dm.server.recoveries) == (1, 0)
+        assert (gen.calls, service.restarts) == (1, 0)
         assert "retry budget" in str(err.value) and "--ckpt_path last" in str(err.value)
 
 

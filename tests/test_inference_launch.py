@@ -340,18 +340,12 @@ def test_dev_mode_reachable_from_other_hosts_is_warned_about(recwarn):
     assert not [w for w in recwarn if "API key check" in str(w.message)]
 
 
-def test_launch_does_not_import_weight_sync_and_old_names_still_resolve():
-    # weight_sync builds on launch; launch reaches it only when an old name is asked for.
+def test_launch_does_not_import_weight_sync():
+    # weight_sync builds on launch, never the other way: one direction, no cycle.
     code = (
         "import sys; import grpo_lightning.inference.launch as launch; "
         "assert 'grpo_lightning.inference.weight_sync' not in sys.modules; "
-        "from grpo_lightning.inference.launch import ServerUnreachable, sync_weights; "
         "from grpo_lightning.inference import weight_sync; "
-        "assert sync_weights is weight_sync.sync_weights and ServerUnreachable is launch.ServerUnavailable; "
         "assert launch.ManagedServer.adapter_loader is weight_sync.load_adapter"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        from grpo_lightning.inference import launch
-
-        launch.no_such_name  # noqa: B018

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -126,19 +128,20 @@ def test_dynamic_sampling_replaces_groups_without_signal() -> None:
     all-equal group is dropped and replaced by a fresh training problem that has signal."""
     from grpo_lightning.data import RolloutDataModule
     from grpo_lightning.inference.launch import ServerConfig
+    from grpo_lightning.inference.service import RolloutService
 
     # G = 2 at the cold-started policy: about half the groups get equal rewards.
     common = dict(problems_per_iteration=8, rollouts_per_problem=2, max_tokens=24, temperature=1.0,
                   top_p=1.0, top_k=0, env_args={"max_difficulty": 0.34}, server=ServerConfig(device="cpu"))
     dynamic = RolloutDataModule(dynamic_sampling=True, dynamic_sampling_max_rounds=5, **common)
     dynamic.setup("fit")
+    service = dynamic.service
     try:
-        plain = RolloutDataModule(**common)
-        plain.tokenizer, plain.client, plain.train_seeds = dynamic.tokenizer, dynamic.client, dynamic.train_seeds
-        plain.stop_token_ids = dynamic.stop_token_ids
-        plain.server = dynamic.server
-        base, base_stats = plain.generate_iteration(0)
-        groups, stats = dynamic.generate_iteration(0)
+        # The same server, the recipe without dynamic sampling.
+        plain = RolloutService(service.server, dynamic.tokenizer, dynamic.make_env,
+                               dataclasses.replace(dynamic.recipe, dynamic_sampling=False)).start()
+        base, base_stats = plain.iteration(0)
+        groups, stats = service.iteration(0)
     finally:
         dynamic.teardown("fit")
 
@@ -146,20 +149,20 @@ def test_dynamic_sampling_replaces_groups_without_signal() -> None:
         return len({r.reward for r in group}) > 1
 
     flat = [[r.completion_ids for r in g] for g in base if signal(g)]
-    assert 0 < len(flat) < 8 and base_stats["dynamic_sampling_rounds"] == 0
+    assert 0 < len(flat) < 8 and base_stats["rollout/dynamic_sampling_rounds"] == 0
     assert [[r.completion_ids for r in g] for g in groups[: len(flat)]] == flat  # same first round
     assert len(groups) == 8 and all(signal(g) for g in groups)
-    assert stats["groups_trained"] == 8 and stats["dynamic_sampling_rounds"] >= 1
+    assert stats["rollout/groups_trained"] == 8 and stats["rollout/dynamic_sampling_rounds"] >= 1
     seeds = stats["problem_seeds"]
     assert len(set(seeds)) == 8 and set(seeds) <= set(dynamic.train_seeds)
     refills = seeds[len(flat):]
-    assert not set(refills) & set(plain.iteration_seeds(0))  # fresh problems, not this iteration's
+    assert not set(refills) & set(dynamic.recipe.iteration_seeds(0))  # fresh problems, not this iteration's
     assert all(g[0].problem_seed == s for g, s in zip(groups, seeds, strict=True))
     # Nonzero advantages that sum to zero within each kept group.
     for g in groups:
         assert any(r.advantage != 0 for r in g) and sum(r.advantage for r in g) == pytest.approx(0, abs=1e-6)
     # The logged reward statistics count every completion generated, refills included.
-    assert stats["frac_reward_zero_std"] > 0
+    assert stats["rollout/frac_reward_zero_std"] > 0
 
 
 def test_grpo_normaliser_counts_masked_completions_like_trl() -> None:

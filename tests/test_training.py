@@ -157,7 +157,7 @@ def test_other_seed_gives_other_rollouts(reference_run: Path, tmp_path: Path) ->
     a = load(reference_run / "metrics" / "train_iter_000.json")
     b = load(other / "metrics" / "train_iter_000.json")
     assert a["problem_seeds"] == b["problem_seeds"]  # the problems follow the iteration rule
-    assert a["completion_tokens_mean"] != b["completion_tokens_mean"] or a["reward/reward_mean"] != b["reward/reward_mean"]
+    assert a["rollout/completion_tokens_mean"] != b["rollout/completion_tokens_mean"] or a["reward/reward_mean"] != b["reward/reward_mean"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,8 +236,8 @@ def test_dynamic_sampling_that_finds_no_signal_keeps_the_run_going(tmp_path: Pat
     seeds = [s for s in range(0, 200) if env.accepts(s)]
     for i in range(2):
         m = load(run / "metrics" / f"train_iter_{i:03d}.json")
-        assert m["dynamic_sampling_rounds"] == 2 and m["frac_reward_zero_std"] == 1.0
-        assert m["groups_trained"] == 4 and m["problem_seeds"] == seeds[4 * i : 4 * i + 4]  # the iteration's own
+        assert m["rollout/dynamic_sampling_rounds"] == 2 and m["rollout/frac_reward_zero_std"] == 1.0
+        assert m["rollout/groups_trained"] == 4 and m["problem_seeds"] == seeds[4 * i : 4 * i + 4]  # the iteration's own
         assert m["train/loss/policy"] == 0.0 and m["train/optimizer_steps"] >= 1
     assert (run / "checkpoints" / "last.ckpt").exists()
 

@@ -59,19 +59,6 @@ __all__ = [
     "server_env",
 ]
 
-# The weight-sync names callers used to import from here; weight_sync imports this module, so
-# they are looked up when first asked for instead of at import.
-_FROM_WEIGHT_SYNC = {"ServerUnreachable", "SyncReport", "WeightSyncError", "sync_weights"}
-
-
-def __getattr__(name: str):
-    if name in _FROM_WEIGHT_SYNC:
-        from . import weight_sync
-
-        return getattr(weight_sync, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class ServerConfig:
     """How to run (or reach) the inference servers.

@@ -75,10 +75,6 @@ class WeightSyncError(RuntimeError):
     """New weights could not be pushed, or the server was not shown to serve them."""
 
 
-ServerUnreachable = ServerUnavailable
-"""The former name of a server that did not answer the sync within the retry budget."""
-
-
 Retry = RetryPolicy
 """Retries of a sync request that got no answer (``Retry(max_retries, backoff)``): the policy
 generation requests follow."""
@@ -538,7 +534,7 @@ def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, tim
             try:
                 for url in urls:
                     _load_one(http, url, backend, name, folder, retry)
-            except ServerUnreachable:
+            except ServerUnavailable:
                 raise
             except WeightSyncError as exc:
                 if not ours:

@@ -1,0 +1,116 @@
+"""Generation that runs ahead of training: ``data.max_staleness`` 0 (synchronous) vs k >= 1.
+
+    flock /work/notes/bench.lock timeout 1500 uv run python benchmarks/bench_async.py \
+        [--iterations 20] [--seeds 0,1,2] [--parts a,b]
+
+(a) The CPU default (configs/sat_tiny.yaml) with max_staleness 0 and 1, one run per seed each,
+    interleaved (seed 0 k=0, seed 0 k=1, seed 1 k=0, ...) so that load hits both alike: wall
+    time of the whole ``fit`` command and the final eval's success rate (the eval after the last
+    iteration, 200 problems x 4). ``--iterations`` shortens the 120 of the config (the cosine
+    schedule follows it); the baseline eval is skipped (the same for both).
+(b) A generation-heavy shape: the same rollouts with one pass over them per iteration
+    (``model.num_iterations 1`` instead of 4) so that generation and training take about the
+    same time; k = 0, 1, 2 on seed 0, interleaved, no evaluation.
+(c) For every run, where the time of the training loop goes (from the first iteration's
+    rollouts to the last iteration's metrics, per iteration): the trainer waiting for rollouts
+    (``time/wait_rollouts_s``), training (``time/train_s``), the weight sync, and the server
+    sitting idle (``time/server_idle_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "sat_tiny.yaml")
+HEAVY = ["--model.num_iterations", "1", "--data.eval.num_problems", "0"]
+
+
+def fit(iterations: int, seed: int, k: int, extra: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", CONFIG, "--trainer.max_epochs", str(iterations),
+               "--seed_everything", str(seed), "--data.max_staleness", str(k), "--data.eval.baseline", "false",
+               "--trainer.logger.init_args.save_dir", tmp, "--trainer.logger.init_args.name", "bench",
+               "--trainer.enable_progress_bar", "false", *extra]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"fit failed (seed {seed}, k={k}):\n{proc.stderr[-3000:]}")
+        metrics = Path(tmp) / "bench" / "version_0" / "metrics"
+        train = [json.loads((metrics / f"train_iter_{i:03d}.json").read_text()) for i in range(iterations)]
+        final = metrics / f"eval_iter_{iterations - 1:03d}.json"
+        success = json.loads(final.read_text())["success_rate"] if final.exists() else float("nan")
+        # The loop: from iteration 0's metrics file to the last one's (startup, the model load
+        # and the first generation left out).
+        loop = ((metrics / f"train_iter_{iterations - 1:03d}.json").stat().st_mtime
+                - (metrics / "train_iter_000.json").stat().st_mtime) / (iterations - 1)
+
+    def mean(key: str) -> float:
+        return statistics.fmean(m.get(key, 0.0) for m in train[1:])
+
+    return {"wall": wall, "success": success, "loop": loop, "wait": mean("time/wait_rollouts_s"),
+            "train": mean("time/train_s"), "generate": mean("time/generate_s"), "sync": mean("time/sync_s"),
+            "idle": mean("time/server_idle_s"), "staleness": max(m["rollout/staleness_max"] for m in train)}
+
+
+def row(name: str, r: dict[str, float]) -> str:
+    return (f"| {name} | {r['wall']:.0f} | {r['success']:.3f} | {r['loop']:.2f} | {r['generate']:.2f} | {r['train']:.2f} | "
+            f"{r['sync']:.2f} | {r['wait']:.2f} | {r['idle']:.2f} | {r['staleness']:.0f} |")
+
+
+HEADER = ("| run | wall s | final success | s/iteration | generate s | train s | sync s | trainer waits s | "
+          "server idle s | max staleness |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--parts", default="b,a", help="b (the shorter) runs first")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    parts = set(args.parts.split(","))
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    if "b" in parts:
+        lines = [HEADER]
+        heavy = {}
+        for k in (0, 1, 2):
+            heavy[k] = fit(args.iterations, seeds[0], k, HEAVY)
+            lines.append(row(f"(b) k={k}", heavy[k]))
+            print(lines[-1], flush=True)
+        print(f"\n(b) generation-heavy shape ({' '.join(HEAVY)}), {args.iterations} iterations, seed {seeds[0]}")
+        print("\n".join(lines))
+        for k in (1, 2):
+            print(f"speed-up k={k} over k=0: whole run {heavy[0]['wall'] / heavy[k]['wall']:.2f}x, "
+                  f"training loop {heavy[0]['loop'] / heavy[k]['loop']:.2f}x")
+    if "a" in parts:
+        results: dict[int, list[dict[str, float]]] = {0: [], 1: []}
+        lines = [HEADER]
+        for seed in seeds:
+            for k in (0, 1):
+                r = fit(args.iterations, seed, k, [])
+                results[k].append(r)
+                lines.append(row(f"(a) seed {seed}, k={k}", r))
+                print(lines[-1], flush=True)
+        print(f"\n(a) CPU default, {args.iterations} iterations, seeds {seeds}")
+        print("\n".join(lines))
+        walls = {k: statistics.fmean(r["wall"] for r in v) for k, v in results.items()}
+        loops = {k: statistics.fmean(r["loop"] for r in v) for k, v in results.items()}
+        succ = {k: [r["success"] for r in v] for k, v in results.items()}
+        print(f"\nspeed-up k=1 over k=0: whole run {walls[0] / walls[1]:.2f}x, training loop {loops[0] / loops[1]:.2f}x")
+        print(f"final success k=0: {succ[0]} (spread {min(succ[0]):.3f}..{max(succ[0]):.3f}); k=1: {succ[1]}")
+    print(f"\nload average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
