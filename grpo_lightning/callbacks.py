@@ -171,20 +171,17 @@ class WeightSyncCallback(pl.Callback):
             # Requests generating ahead on the weights now in the sync folder (a server that fails
             # meanwhile restarts on that folder) finish before the folder is overwritten.
             _service(trainer).drain(version)
-        if pl_module.sharded:
-            # Gathering the weights and the probe's forward pass are collectives: every rank joins.
+        if pl_module.sharded or trainer.is_global_zero:
+            # Sharded, gathering the weights is a collective: every rank joins (rank 0 writes).
             t0 = time.perf_counter()
             folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
             record.synced = (folder, trainer.global_step)
-            if probe is not None:
-                probe = RankZeroCalls(probe, trainer.strategy.broadcast)
-                if not trainer.is_global_zero:
-                    probe.serve()
+        if pl_module.sharded and probe is not None:
+            # The probe's forward pass is a collective too: the other ranks serve rank 0's calls.
+            probe = RankZeroCalls(probe, trainer.strategy.broadcast)
+            if not trainer.is_global_zero:
+                probe.serve()
         if trainer.is_global_zero:
-            if not pl_module.sharded:
-                t0 = time.perf_counter()
-                folder = save_hf_atomic(pl_module, run_dir(trainer) / "sync_weights")
-                record.synced = (folder, trainer.global_step)
             save_s = time.perf_counter() - t0
             try:
                 report = _service(trainer).sync(folder, reason=reason, version=version, probe=probe)

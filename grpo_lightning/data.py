@@ -325,7 +325,7 @@ class RolloutDataModule(pl.LightningDataModule):
         iteration = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
         if self._loader is not None and self._loader[0] == iteration:
             return self._loader[1]  # asked twice for one iteration: the same rollouts, generated once
-        if trainer is not None and trainer.max_epochs is not None and trainer.fit_loop.epoch_progress.current.processed >= trainer.max_epochs:
+        if trainer is not None and trainer.max_epochs is not None and iteration >= trainer.max_epochs:
             # Resuming a finished run: Lightning asks for data before it sees there is nothing
             # left to do; an empty loader ends the fit instead of generating an iteration for nothing.
             empty = MicroBatchDataset(RolloutDataset([]), [], pad_id=0)

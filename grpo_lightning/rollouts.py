@@ -180,7 +180,6 @@ class RolloutDataset(Dataset):
             "behaviour_logprobs": torch.tensor(r.behaviour_logprobs, dtype=torch.float32),
             "advantage": float(r.advantage),
             "trainable": r.trainable,
-            "index": i,
         }
         return item
 
@@ -253,7 +252,7 @@ def collate_shared(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
 
 def _per_completion(items: list[dict[str, Any]], spans: list[tuple[int, int]], width: int) -> dict[str, torch.Tensor]:
     """The per-token tensors ``[B, width]`` (loss mask, behaviour logprobs), each
-    row's completion at its ``span``, and the per-sequence ones (advantages, indices)."""
+    row's completion at its ``span``, and the per-sequence advantages."""
     b = len(items)
     out = {"loss_mask": torch.zeros((b, width)), "behaviour_logprobs": torch.zeros((b, width))}
     for row, (it, (start, stop)) in enumerate(zip(items, spans, strict=True)):
@@ -262,7 +261,6 @@ def _per_completion(items: list[dict[str, Any]], spans: list[tuple[int, int]], w
         for k in out.keys() - {"loss_mask"}:
             out[k][row, start:stop] = it[k]
     out["advantages"] = torch.tensor([it["advantage"] for it in items], dtype=torch.float32)
-    out["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     return out
 
 
@@ -382,5 +380,4 @@ def _empty_item(pad_id: int) -> dict[str, Any]:
         "behaviour_logprobs": torch.zeros(1),
         "advantage": 0.0,
         "trainable": False,
-        "index": -1,
     }

@@ -109,7 +109,6 @@ class RolloutService:
         """The policy version the server serves (weights after that many iterations)."""
         self._cond = threading.Condition()
         self._restart_lock = threading.Lock()
-        self._restarts_seen = 0
         self._closing = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -197,7 +196,7 @@ class RolloutService:
         live = threading.current_thread() is threading.main_thread()
         failures = 0
         while True:
-            restarts_before = self._restarts_seen
+            restarts_before = self.server.recoveries
             try:
                 with self._busy(), _progress(description, len(seeds), live) as advance:
                     return gen.generate(seeds, n, seed_tag=seed_tag, on_done=advance)
@@ -215,12 +214,11 @@ class RolloutService:
                 with self._restart_lock:
                     if self._closing:
                         raise
-                    if self._restarts_seen != restarts_before:
+                    if self.server.recoveries != restarts_before:
                         continue  # the other thread restarted it meanwhile: just send again
                     weights = self.server.served_weights or self.server.model
                     rank_zero_warn(f"{description}: the inference server failed ({exc}); restarting it on {weights}")
                     seconds = self.server.recover()
-                    self._restarts_seen += 1
                 rank_zero_info(f"inference server restarted on {weights} in {seconds:.1f}s; sending the requests again")
 
     def iteration(self, iteration: int, version: int | None = None) -> tuple[list[list[Rollout]], dict[str, Any]]:
