@@ -13,8 +13,7 @@ With ``ServerConfig.urls`` set, nothing is launched: the servers at those URLs a
 they are and never stopped by us.
 
 ``server_argv`` is the one place that spells out the vLLM / SGLang / built-in command lines.
-Weight sync (``weight_sync.py``) builds on this module and not the other way round; its names
-are still importable from here, on first use (see ``__getattr__``).
+Weight sync (``weight_sync.py``) builds on this module and not the other way round.
 """
 
 from __future__ import annotations
@@ -651,9 +650,15 @@ class _NotHealthy(Exception):
 
 
 def signal_group(pgid: int, sig: int) -> None:
-    """Signal a process group that may be gone already."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    """Signal a process group that may be gone already, or not formed yet: a forked sweep
+    trial calls ``setsid`` itself, so a signal sent before that reaches the process alone."""
+    try:
         os.killpg(pgid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pgid, sig)
+    except PermissionError:
+        pass
 
 
 # ---------------------------------------------------------------------- no orphans

@@ -534,8 +534,6 @@ def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, tim
             try:
                 for url in urls:
                     _load_one(http, url, backend, name, folder, retry)
-            except ServerUnavailable:
-                raise
             except WeightSyncError as exc:
                 if not ours:
                     raise
