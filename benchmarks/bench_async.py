@@ -7,7 +7,7 @@
     interleaved (seed 0 k=0, seed 0 k=1, seed 1 k=0, ...) so that load hits both alike: wall
     time of the whole ``fit`` command and the final eval's success rate (the eval after the last
     iteration, 200 problems x 4). ``--iterations`` shortens the 120 of the config (the cosine
-    schedule follows it); the baseline eval is skipped (the same for both).
+    schedule follows it). The runs are the config as the README runs it, baseline eval included.
 (b) A generation-heavy shape: the same rollouts with one pass over them per iteration
     (``model.num_iterations 1`` instead of 4) so that generation and training take about the
     same time; k = 0, 1, 2 on seed 0, interleaved, no evaluation.
@@ -20,14 +20,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+from bench_iteration import fit_run
+
+from grpo_lightning.runfiles import read_evals, read_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "sat_tiny.yaml")
@@ -35,24 +34,14 @@ HEAVY = ["--model.num_iterations", "1", "--data.eval.num_problems", "0"]
 
 
 def fit(iterations: int, seed: int, k: int, extra: list[str]) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", CONFIG, "--trainer.max_epochs", str(iterations),
-               "--seed_everything", str(seed), "--data.max_staleness", str(k), "--data.eval.baseline", "false",
-               "--trainer.logger.init_args.save_dir", tmp, "--trainer.logger.init_args.name", "bench",
-               "--trainer.enable_progress_bar", "false", *extra]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"fit failed (seed {seed}, k={k}):\n{proc.stderr[-3000:]}")
-        metrics = Path(tmp) / "bench" / "version_0" / "metrics"
-        train = [json.loads((metrics / f"train_iter_{i:03d}.json").read_text()) for i in range(iterations)]
-        final = metrics / f"eval_iter_{iterations - 1:03d}.json"
-        success = json.loads(final.read_text())["success_rate"] if final.exists() else float("nan")
+    overrides = ["--seed_everything", str(seed), "--data.max_staleness", str(k), *extra]
+    with fit_run(CONFIG, iterations, overrides, f"seed {seed}, k={k}") as (run_dir, wall):
+        train, evals = read_train(run_dir), read_evals(run_dir)
+        success = evals[iterations]["success_rate"] if iterations in evals else float("nan")
         # The loop: from iteration 0's metrics file to the last one's (startup, the model load
         # and the first generation left out).
-        loop = ((metrics / f"train_iter_{iterations - 1:03d}.json").stat().st_mtime
-                - (metrics / "train_iter_000.json").stat().st_mtime) / (iterations - 1)
+        files = [run_dir / "metrics" / f"train_iter_{i:03d}.json" for i in (0, iterations - 1)]
+        loop = (files[1].stat().st_mtime - files[0].stat().st_mtime) / (iterations - 1)
 
     def mean(key: str) -> float:
         return statistics.fmean(m.get(key, 0.0) for m in train[1:])

@@ -19,36 +19,47 @@ hence the throughput row (training tokens per second) next to the seconds.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from grpo_lightning.runfiles import read_evals, read_train
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"generate": "time/generate_s", "score": "time/score_s", "train": "time/train_s", "sync": "time/sync_s"}
 
 
-def run(config: str, iterations: int, overrides: list[str]) -> tuple[dict[str, float], float]:
-    """Mean seconds per stage (iterations 1..N-1) and the whole command's wall time."""
+@contextlib.contextmanager
+def fit_run(config: str, iterations: int, overrides: list[str], label: str) -> Iterator[tuple[Path, float]]:
+    """Run ``fit`` for ``iterations`` into a temporary folder; yield its run folder and wall seconds.
+
+    The folder (and its ``metrics/``) exists only inside the ``with`` block."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "grpo_lightning", "fit", "--config", config,
-               "--trainer.max_epochs", str(iterations), "--data.eval.interval", "1",
+               "--trainer.max_epochs", str(iterations),
                "--trainer.logger.init_args.save_dir", tmp, "--trainer.logger.init_args.name", "bench",
                "--trainer.enable_progress_bar", "false", *overrides]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"fit failed ({' '.join(overrides) or 'config as is'}):\n{proc.stderr[-2000:]}")
-        metrics = Path(tmp) / "bench" / "version_0" / "metrics"
-        train = [json.loads((metrics / f"train_iter_{i:03d}.json").read_text()) for i in range(iterations)]
-        evals = [json.loads((metrics / f"eval_iter_{i:03d}.json").read_text()) for i in range(iterations)]
+            raise SystemExit(f"fit failed ({label}):\n{proc.stderr[-3000:]}")
+        yield Path(tmp) / "bench" / "version_0", wall
+
+
+def run(config: str, iterations: int, overrides: list[str]) -> tuple[dict[str, float], float]:
+    """Mean seconds per stage (iterations 1..N-1) and the whole command's wall time."""
+    label = " ".join(overrides) or "config as is"
+    with fit_run(config, iterations, ["--data.eval.interval", "1", *overrides], label) as (run_dir, wall):
+        train, evals = read_train(run_dir), read_evals(run_dir)
     rows = {name: [m[key] for m in train] for name, key in STAGES.items()}
-    rows["eval"] = [e["time/eval_s"] for e in evals]
+    rows["eval"] = [evals[i + 1]["time/eval_s"] for i in range(iterations)]
     means = {k: statistics.fmean(v[1:]) for k, v in rows.items()}
     # The runs' rollouts drift apart after iteration 0 (different float paths, different
     # weights), so compare training by throughput as well as by seconds.
