@@ -26,7 +26,9 @@ processes on one journal, ``--parallel 1`` each), for wall time: run it under th
 and of the built-in server's, each in a fresh interpreter; a ``fit`` run of one tiny iteration
 (2 problems x 2 rollouts, evals of 4 problems) started as a fresh process, against the same run
 as a sweep trial forked from the worker's fork server (two trials: the ``cpu_s`` of each, and
-the whole sweep process with its own validation and its fork server).
+the whole sweep process with its validation and its fork server), and the same two trials with
+their built-in server started as a fresh process instead of the one each trial pre-forks
+(``--data.server.python`` set to another path to this interpreter turns the pre-fork off).
 
 CPU-seconds: user + system time of the sweep processes and everything they waited for (their
 fork server, the ``fit`` runs and their inference servers), from ``wait4``; "CPU-s (trials)" is
@@ -202,8 +204,18 @@ def startup(root: Path, rounds: int) -> None:
                         "--root", str(root), "--name", name, "--", *TINY], root / f"{name}.log")
         with (root / name / "summary.csv").open() as f:
             trials = [float(r["cpu_s"]) for r in csv.DictReader(f)]
-        rows.setdefault("fit, 1 tiny iteration, sweep trial forked from the fork server", []).extend(trials)
+        rows.setdefault("fit, 1 tiny iteration, forked trial, its server pre-forked (as trials run now)", []).extend(trials)
         rows.setdefault("the sweep of those 2 trials, all processes", []).append(total)
+        # The same trials with their built-in server started as a fresh process: another path to
+        # this interpreter is "another interpreter" to the launcher, which then never uses the
+        # process the trial pre-forked (inference/prefork.py).
+        name = f"fresh-server{i}"
+        alias = str(Path(py).with_name("python3" if Path(py).name != "python3" else "python"))
+        cpu_of([py, "-m", "grpo_lightning", "sweep", "--config", config, "--grid", "seed_everything=0,1",
+                "--root", str(root), "--name", name, "--", *TINY, "--data.server.python", alias], root / f"{name}.log")
+        with (root / name / "summary.csv").open() as f:
+            trials = [float(r["cpu_s"]) for r in csv.DictReader(f)]
+        rows.setdefault("fit, 1 tiny iteration, forked trial, its server a fresh process", []).extend(trials)
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n| what | CPU-s (each measurement) | mean |\n|---|---|---:|")
     for what, values in rows.items():

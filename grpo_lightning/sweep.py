@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -131,7 +132,8 @@ def validate(base_args: list[str], overrides: dict[str, str], sweep_dir: Path, d
         devices, gpu = cli.config.trainer.devices, cli.config.data.server.gpu
         if isinstance(devices, int) and devices > devices_per_run:
             return f"trainer.devices={devices} but each run gets --devices-per-run {devices_per_run} GPUs", None
-        if isinstance(gpu, int) and gpu >= devices_per_run:
+        outside = [g for g in (gpu if isinstance(gpu, list) else [gpu]) if isinstance(g, int) and g >= devices_per_run]
+        if outside:
             return (f"data.server.gpu={gpu} but each run sees GPUs 0..{devices_per_run - 1} "
                     f"(--devices-per-run {devices_per_run})"), None
     return None, cli.config
@@ -174,18 +176,21 @@ def now() -> str:
 # trial is a fork of it: still its own process (crash isolation, process group, signals, exit
 # code), without the import. The fork server never initialises CUDA or a thread pool, so its
 # children set up both from their own environment.
-PRELOAD = ["grpo_lightning.cli", "grpo_lightning.sweep"]  # the second holds run_fit, each trial's entry point
+# ``sweep`` holds run_fit, each trial's entry point; the server's modules are for the process a
+# trial forks to become its built-in server (inference/prefork.py).
+PRELOAD = ["grpo_lightning.cli", "grpo_lightning.sweep", "grpo_lightning.inference.server",
+           "grpo_lightning.inference.engine", "uvicorn"]
 
 
+@functools.cache
 def fork_context() -> Any:
-    """The fork server's context; it starts with the first trial and lives as long as this
-    process (sweeps run in one process, e.g. tests, share it)."""
+    """The fork server's context; the server starts with the first process forked from it and
+    lives as long as this process (sweeps run in one process, e.g. tests, share it)."""
     import atexit
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    atexit.unregister(stop_fork_server)
     atexit.register(stop_fork_server)
     return ctx
 
@@ -235,17 +240,20 @@ def run_fit(argv: list[str], log_path: str, env: dict[str, str], cpu_s: Any) -> 
     os.setsid()
     os.environ.clear()
     os.environ.update(env)
-    threads = env.get("OMP_NUM_THREADS")
-    if threads:  # the OpenMP runtime read the fork server's environment when torch loaded
-        import torch
-
-        torch.set_num_threads(int(threads))
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    from .inference import prefork
+
+    prefork.start()  # while this process has no other thread (see inference/prefork.py)
+    threads = env.get("OMP_NUM_THREADS")
+    if threads:  # the OpenMP runtime read the fork server's environment when torch loaded
+        import torch
+
+        torch.set_num_threads(int(threads))
     sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # as ``python -m grpo_lightning`` sets it
     code = 1
     try:
@@ -254,6 +262,7 @@ def run_fit(argv: list[str], log_path: str, env: dict[str, str], cpu_s: Any) -> 
         code = fit_main()
     finally:
         atexit._run_exitfuncs()  # the server clean-up hooks; a forked child skips atexit
+        prefork.discard()
         record()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -542,6 +551,49 @@ def gpu_plan(args: argparse.Namespace) -> tuple[list[list[str]] | None, int, int
 
 
 
+def prepare(args: argparse.Namespace, base_args: list[str], points: list[dict[str, str]], sweep_dir: Path) -> tuple:
+    """What a worker needs from torch and the fit CLI before it starts trials: the GPU plan, the
+    points the CLI rejects (by error), and the facts of the config the pruner checks."""
+    gpu_sets, per_run, threads = gpu_plan(args)
+    rejected: dict[str, list[dict[str, str]]] = {}
+    config = None
+    for point in points:
+        error, parsed = validate(base_args, point, sweep_dir, per_run)
+        if error:
+            rejected.setdefault(error, []).append(point)
+        elif config is None:
+            config = {"interval": parsed.data.eval.interval, "max_epochs": parsed.trainer.max_epochs,
+                      "num_problems": parsed.data.eval.num_problems}
+    return gpu_sets, per_run, threads, rejected, config
+
+
+def _call_and_send(conn: Any, fn: Any, args: tuple) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except ValueError as exc:
+        conn.send(("error", str(exc)))
+
+
+def in_fork_server(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a child of the fork server, which has imported torch and the fit CLI
+    already, so this process never imports them (~30 CPU-seconds per worker on 2 cores). A
+    ``ValueError`` in ``fn`` is raised here."""
+    ctx = fork_context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_and_send, args=(send, fn, args))
+    proc.start()
+    send.close()
+    try:
+        status, value = recv.recv()
+    except EOFError:
+        proc.join()
+        raise ValueError(f"validating the sweep failed: its process exited with code {proc.exitcode}") from None
+    proc.join()
+    if status == "error":
+        raise ValueError(value)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 every trial of this worker ended ok or pruned, 1 some failed, 2 invalid
     sweep (nothing started), 128+signal when stopped."""
@@ -550,25 +602,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         search = Search.from_args(args.grid, args.sample, args.sampler, args.trials, args.seed)
         worker = Worker(args, fit_args, argv, search)
-        gpu_sets, per_run, threads = gpu_plan(args)
-        base_args = ["--config", args.config, *fit_args]
-        rejected: dict[str, list[dict[str, str]]] = {}
-        config = None
-        for point in search.validation_points():
-            error, parsed = validate(base_args, point, worker.dir, per_run)
-            if error:
-                rejected.setdefault(error, []).append(point)
-            if config is None:
-                config = parsed
+        try:
+            start_fork_server()  # it imports torch and Lightning once: validation runs in it too
+        except KeyboardInterrupt:
+            return SIGNAL_EXIT[signal.SIGINT]
+        gpu_sets, per_run, threads, rejected, config = in_fork_server(
+            prepare, args, ["--config", args.config, *fit_args], search.validation_points(), worker.dir)
         if rejected:
             for error, points in rejected.items():
                 which = worker.describe(points[0]) + (f" and {len(points) - 1} more" if len(points) > 1 else "")
                 print(f"sweep: invalid value ({which}):\n    " + error.replace("\n", "\n    "), file=sys.stderr)
             raise ValueError(f"{sum(map(len, rejected.values()))} of {len(search.validation_points())} points "
                              "rejected; no run started")
-        check_pruner(args.pruner, args.metric, config.data.eval.interval, config.trainer.max_epochs,
-                     config.data.eval.num_problems)
-        worker.max_epochs = config.trainer.max_epochs
+        check_pruner(args.pruner, args.metric, config["interval"], config["max_epochs"], config["num_problems"])
+        worker.max_epochs = config["max_epochs"]
         if args.dry_run:
             print(f"sweep {worker.name}: {search.sampler} sampler, {search.trials} trials; the first points:")
             for i, point in enumerate(search.preview()):
@@ -580,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
 
         storage = open_storage(args.storage, worker.dir)
         direction = "maximize" if args.mode == "max" else "minimize"
-        pruner = make_pruner(args.pruner, config.data.eval.interval)
+        pruner = make_pruner(args.pruner, config["interval"])
         worker.dir.mkdir(parents=True, exist_ok=True)
         worker.lock = FileLock(str(worker.dir / ".lock"))
         with worker.lock:
@@ -593,11 +640,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {worker.name}: {search.sampler} sampler, {args.pruner} pruner, {search.trials} trials, "
           f"{done} finished before" + (f", retrying {len(retried)}" if retried else "")
           + f"; study in {args.storage or worker.dir / 'study.journal'}", flush=True)
-    try:
-        if done < search.trials or retried:  # else the study is likely done: no import for nothing
-            start_fork_server()
-    except KeyboardInterrupt:
-        return SIGNAL_EXIT[signal.SIGINT]
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _frame: worker.stop_signals.append(signum)) for s in handled}
     try:

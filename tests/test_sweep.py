@@ -54,6 +54,14 @@ def load_study(sweep_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name=sweep_dir.name, storage=storage)
 
 
+def server_pids(log: Path) -> list[int]:
+    """The built-in servers a run launched, from its ``server.log``. A trial's first server is
+    the process the trial forked before it started (``inference/prefork.py``)."""
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("=== server pid ")]
+    assert lines and lines[0].endswith("(pre-forked, imports done)"), lines
+    return [int(ln.split()[3]) for ln in lines]
+
+
 def sweep_cmd(*argv: str) -> list[str]:
     return [sys.executable, "-m", "grpo_lightning", "sweep", *argv]
 
@@ -92,6 +100,27 @@ def test_two_workers_share_a_grid_without_duplicates(grid: tuple[Path, list[str]
         assert t.value == final["success_rate"]  # the objective: final eval success
         assert t.intermediate_values == {1: final["success_rate"]}  # the baseline (step 0) is not reported
         assert (run_dir / "output.log").stat().st_size > 0
+        assert len(server_pids(run_dir / "server.log")) == 1
+
+
+@pytest.mark.slow
+def test_a_trial_computes_what_a_fresh_fit_computes(grid: tuple[Path, list[str], list[int], list[str]],
+                                                    tmp_path: Path) -> None:
+    """A trial forked from the fork server, with its pre-forked built-in server, is the fit run it
+    stands for: the same rollouts and evals as ``python -m grpo_lightning fit`` started fresh."""
+    sweep_dir = grid[0]
+    (trial,) = [t for t in load_study(sweep_dir).get_trials() if t.params == {"model.lr": "1e-3", "model.kl_coef": "0"}]
+    fresh = subprocess.run([sys.executable, "-m", "grpo_lightning", "fit", "--config", CONFIG, *TINY, "--model.lr", "1e-3",
+                            "--model.kl_coef", "0", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                            "--trainer.logger.init_args.name", "fresh"], capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    ours, theirs = sweep_dir / trial.user_attrs["run_dir"] / "metrics", tmp_path / "fresh" / "version_0" / "metrics"
+    for name in ("eval_baseline.json", "train_iter_000.json", "eval_iter_000.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (ours, theirs))
+        exact = [k for k in a if k.startswith(("reward/", "success", "reward_", "num_")) or k == "problem_seeds"]
+        assert exact and {k: a[k] for k in exact} == {k: b[k] for k in exact}, name
+        if "train/loss" in a:  # the same numbers up to float summation order
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.slow
@@ -205,8 +234,8 @@ def test_pruned_trial_is_stopped_like_ctrl_c(tmp_path: Path) -> None:
     run_dir = sweep_dir / t.user_attrs["run_dir"]
     assert t.intermediate_values[1] == json.loads((run_dir / "metrics" / "eval_iter_000.json").read_text())["success_rate"]
     assert not (run_dir / "metrics" / "eval_iter_003.json").exists()
-    port = (run_dir / "server.log").read_text().split("--port ")[1].split()[0]
-    assert not processes_with(f"--port {port} ") and not Path(f"/proc/{t.user_attrs['pid']}").exists()
+    (server,) = server_pids(run_dir / "server.log")
+    assert not Path(f"/proc/{server}").exists() and not Path(f"/proc/{t.user_attrs['pid']}").exists()
     assert t.user_attrs["returncode"] == -signal.SIGTERM  # ended by the signal, as a fresh fit would
     assert t.user_attrs["cpu_s"] > 0  # counted although the run died by the signal
     rows = read_csv(sweep_dir / "summary.csv")
@@ -251,9 +280,9 @@ def test_sigterm_stops_every_run_and_its_server(tmp_path: Path) -> None:
     trials = load_study(sweep_dir).get_trials()
     assert [(t.state, t.user_attrs["status"]) for t in trials] == [(TrialState.FAIL, "interrupted")] * 2
     assert {r["status"] for r in read_csv(sweep_dir / "summary.csv")} == {"interrupted"}
-    ports = [log.read_text().split("--port ")[1].split()[0] for log in sweep_dir.glob("runs/*/server.log")]
-    alive = [pid for needle in [*(f"--port {p} " for p in ports), str(sweep_dir)] for pid in processes_with(needle)]
-    assert not alive
+    servers = [pid for log in sweep_dir.glob("runs/*/server.log") for pid in server_pids(log)]
+    assert len(servers) == 2
+    assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()] and not processes_with(str(sweep_dir))
     for t in trials:
         assert not Path(f"/proc/{t.user_attrs['pid']}").exists()
 

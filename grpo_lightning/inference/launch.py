@@ -40,6 +40,7 @@ from typing import ClassVar, Literal
 
 import httpx
 
+from . import prefork
 from .client import (
     GenerationRequest,
     RolloutClient,
@@ -109,6 +110,11 @@ class ServerConfig:
         stop_timeout: Seconds a server gets to exit after SIGTERM before it is killed.
         extra_args: Additional command-line arguments appended to the server's command.
         env: Additional environment variables for the server process.
+        nice: Built-in server with ``device: cpu`` only: how much lower its CPU priority is
+            than the trainer's (``os.nice``, 0-19). None: 10 when generation runs ahead of
+            training (``data.max_staleness >= 1``), else 0. Running ahead, the two compete for
+            the same cores and the trainer is the critical path: the server has slack (it
+            waits for each new policy), the trainer has none.
         python: Interpreter that runs a launched server: an absolute path, a name on ``PATH``,
             or a wrapper script that ends by running ``python "$@"`` (e.g. inside a container).
             None uses the trainer's own. Lets vLLM/SGLang come from an environment of their own
@@ -143,6 +149,7 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     python: str | None = None
+    nice: int | None = None
 
 
 # Where a launched server reads its API key from the environment it inherits.
@@ -176,6 +183,8 @@ def server_argv(
             str(config.max_num_seqs),
         ]
         argv += ["--parent-pid", str(os.getpid())]
+        if config.nice and config.device == "cpu":
+            argv += ["--nice", str(config.nice)]
         if config.max_model_len:
             argv += ["--max-model-len", str(config.max_model_len)]
     elif config.backend == "vllm":
@@ -443,7 +452,7 @@ class ManagedServer:
         self.adapter: tuple[str, str] | None = None
         """(name, folder) of the LoRA adapter last loaded by ``weight_sync.sync_adapter``:
         requests name it, and a restarted server gets it loaded again."""
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen | prefork.PreforkedProcess | None = None
         self._log = None
 
     # ------------------------------------------------------------------ properties
@@ -575,7 +584,8 @@ class ManagedServer:
         self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())
         self._log.flush()
         _install_cleanup_hooks()
-        self._proc = subprocess.Popen(
+        # A sweep trial has a process ready that imported the built-in server already.
+        self._proc = prefork.spawn(argv, env, self.log_path) or subprocess.Popen(
             argv,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -584,6 +594,9 @@ class ManagedServer:
             start_new_session=True,
         )
         _LIVE.add(self)
+        how = " (pre-forked, imports done)" if isinstance(self._proc, prefork.PreforkedProcess) else ""
+        self._log.write(f"=== server pid {self._proc.pid}{how}\n".encode())
+        self._log.flush()
 
     def _wait_healthy(self) -> None:
         # Polled often at first (a small model is up in seconds), then every half second, until
