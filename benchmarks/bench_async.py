@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parts", default="b,a", help="b (the shorter) runs first")
+    ap.add_argument("--ks", default="0,1", help="(a): the max_staleness values compared")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = set(args.parts.split(","))
@@ -82,10 +83,11 @@ def main() -> int:
             print(f"speed-up k={k} over k=0: whole run {heavy[0]['wall'] / heavy[k]['wall']:.2f}x, "
                   f"training loop {heavy[0]['loop'] / heavy[k]['loop']:.2f}x")
     if "a" in parts:
-        results: dict[int, list[dict[str, float]]] = {0: [], 1: []}
+        ks = [int(k) for k in args.ks.split(",")]
+        results: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
         lines = [HEADER]
         for seed in seeds:
-            for k in (0, 1):
+            for k in ks:
                 r = fit(args.iterations, seed, k, [])
                 results[k].append(r)
                 lines.append(row(f"(a) seed {seed}, k={k}", r))
@@ -94,9 +96,12 @@ def main() -> int:
         print("\n".join(lines))
         walls = {k: statistics.fmean(r["wall"] for r in v) for k, v in results.items()}
         loops = {k: statistics.fmean(r["loop"] for r in v) for k, v in results.items()}
-        succ = {k: [r["success"] for r in v] for k, v in results.items()}
-        print(f"\nspeed-up k=1 over k=0: whole run {walls[0] / walls[1]:.2f}x, training loop {loops[0] / loops[1]:.2f}x")
-        print(f"final success k=0: {succ[0]} (spread {min(succ[0]):.3f}..{max(succ[0]):.3f}); k=1: {succ[1]}")
+        for k, v in results.items():
+            succ = [r["success"] for r in v]
+            print(f"k={k}: mean wall {walls[k]:.0f} s, loop {loops[k]:.2f} s/iteration, final success {succ} "
+                  f"(spread {min(succ):.3f}..{max(succ):.3f})")
+        if 0 in results and 1 in results:
+            print(f"speed-up k=1 over k=0: whole run {walls[0] / walls[1]:.2f}x, training loop {loops[0] / loops[1]:.2f}x")
     print(f"\nload average after: {os.getloadavg()}")
     return 0
 

@@ -119,6 +119,7 @@ class GRPOCLI(LightningCLI):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.link_arguments("data.temperature", "model.temperature")
         parser.link_arguments("data.max_tokens", "model.max_completion_length")
+        parser.link_arguments("data.max_staleness", "model.max_staleness")
         parser.link_arguments("seed_everything", "data.seed")
 
     def before_instantiate_classes(self) -> None:

@@ -13,6 +13,7 @@ iterations old, while the trainer trains (see ``inference/service.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from .inference.service import IterationRecord, RolloutRecipe, RolloutService
 from .lora import LoraArgs
 from .models import load_tokenizer, stop_token_ids
 from .rollouts import MicroBatchDataset, RolloutDataset, build_schedule, sampling_seed
+
+AHEAD_NICE = 10
+"""``data.server.nice`` when unset and generation runs ahead (see ``ServerConfig.nice``)."""
 
 
 @dataclass
@@ -256,8 +260,11 @@ class RolloutDataModule(pl.LightningDataModule):
             self.start_service()
 
     def start_service(self) -> None:
+        config = self.server_config
+        if config.nice is None:
+            config = dataclasses.replace(config, nice=AHEAD_NICE if self.max_staleness else 0)
         server = ManagedServer(
-            self.server_config,
+            config,
             self.model_name_or_path,
             # Outside a run (tests, scripts) ManagedServer picks a temporary file.
             log_path=self.run_dir / "server.log" if self.run_dir else None,
@@ -378,6 +385,7 @@ def _server_checks(c: ServerConfig) -> dict[str, bool]:
         "server.gpu_memory_utilization": 0 < c.gpu_memory_utilization <= 1,
         "server.verify_tolerance": c.verify_tolerance >= 0,
         "server.max_model_len": c.max_model_len is None or c.max_model_len >= 1,
+        "server.nice": c.nice is None or 0 <= c.nice <= 19,
     }
 
 

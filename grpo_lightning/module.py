@@ -26,6 +26,9 @@ from .lora import LoraArgs, adapters_off, apply_lora, check_args, frozen_keys
 from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
 from .models import load_policy, load_tokenizer
 
+STALE_TIS_CAP = 2.0
+"""``tis_cap`` when it is unset and rollouts may be stale (``max_staleness >= 1``)."""
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient, or the weights
@@ -70,6 +73,7 @@ class GRPOModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 3,
         temperature: float = 1.0,
         max_completion_length: int = 512,
+        max_staleness: int = 0,
         lora: LoraArgs = LoraArgs(),
     ) -> None:
         """
@@ -108,7 +112,17 @@ class GRPOModule(pl.LightningModule):
                 taken against the trainer's own log-probabilities at the start of the
                 iteration and each token's policy-gradient term is weighted by
                 ``min(pi_trainer / pi_server, tis_cap)``, correcting the server/trainer
-                mismatch. None: the ratio is taken against the server's log-probabilities.
+                mismatch. None: with ``max_staleness`` 0 the ratio is taken against the
+                server's log-probabilities; with ``max_staleness >= 1``, ``STALE_TIS_CAP`` (2,
+                TRL's default cap) is used. Stale rollouts need it: clipped against the
+                server's log-probabilities of a policy k iterations old, the ratio starts
+                far from 1, PPO's clip stops most of the gradient and leaves unbounded the
+                terms of negative-advantage tokens whose probability rose (on the CPU default
+                at k = 1 the final eval success fell to 0.29-0.43 against 0.53-0.56
+                synchronous). Clipping against the trainer's own start-of-iteration
+                log-probabilities and weighting by the capped staleness ratio is the
+                decoupled objective of asynchronous trainers (TRL's importance-sampling
+                correction, AReaL's decoupled PPO).
             num_iterations: mu, passes over one iteration's rollouts (GRPO's inner epochs).
             steps_per_iteration: optimizer steps per pass; the rollouts are split evenly.
             micro_batch_size: sequences per forward/backward on each device (gradient
@@ -130,6 +144,8 @@ class GRPOModule(pl.LightningModule):
             temperature: linked from ``data.temperature``: log-probabilities are those of the
                 sampling distribution at this temperature.
             max_completion_length: linked from ``data.max_tokens`` (Dr. GRPO's normaliser).
+            max_staleness: linked from ``data.max_staleness``: with k >= 1, ``tis_cap``
+                defaults to ``STALE_TIS_CAP``.
             lora: train low-rank adapters instead of every weight (see ``lora.LoraArgs``).
         """
         super().__init__()
@@ -149,7 +165,7 @@ class GRPOModule(pl.LightningModule):
             kl_coef=kl_coef,
             kl_estimator=kl_estimator,
             entropy_coef=entropy_coef,
-            tis_cap=tis_cap,
+            tis_cap=STALE_TIS_CAP if tis_cap is None and max_staleness >= 1 else tis_cap,
             max_completion_length=max_completion_length,
         )
         self.policy: torch.nn.Module | None = None
@@ -327,7 +343,7 @@ class GRPOModule(pl.LightningModule):
         need_ref = self.has_reference
         # With a single optimizer step per iteration the old policy is the current one:
         # training_step uses its own detached log-probabilities, no extra forward pass.
-        need_old = h.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
+        need_old = self.loss_config.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
         if not (need_ref or need_old):
             return
         micro = self.trainer.train_dataloader.dataset
@@ -397,7 +413,7 @@ class GRPOModule(pl.LightningModule):
             mask,
             self.loss_config,
             Normalizer(**batch["normalizer"]),
-            old_logp=self._fixed_logprobs(batch, "old_logprobs", logp) if self.hparams.tis_cap is not None else None,
+            old_logp=self._fixed_logprobs(batch, "old_logprobs", logp) if self.loss_config.tis_cap is not None else None,
             ref_logp=self._fixed_logprobs(batch, "ref_logprobs", logp) if self.has_reference else None,
             entropy=entropy,
         )

@@ -18,13 +18,14 @@ import pytest
 from helpers import assert_same_iteration, load, without_times
 from test_faults import API_KEY, BASE, Trainers
 
-from grpo_lightning.cli import main
+from grpo_lightning.cli import build_cli, main
 from grpo_lightning.data import RolloutDataModule, _accepted_seeds
 from grpo_lightning.envs.sat import SATEnv
 from grpo_lightning.inference.client import SamplingParams, ServerUnavailable
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig
 from grpo_lightning.inference.service import RolloutRecipe, RolloutService
 from grpo_lightning.inference.weight_sync import SyncReport
+from grpo_lightning.module import STALE_TIS_CAP
 from grpo_lightning.rollouts import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +163,17 @@ def test_bad_max_staleness_is_one_line_naming_the_key(value: str, code: int, cap
     assert "data.max_staleness" in line and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("args", "cap"), [([], None), (["--data.max_staleness", "1"], STALE_TIS_CAP),
+                                         (["--data.max_staleness", "2", "--model.tis_cap", "3"], 3.0)])
+def test_stale_rollouts_are_clipped_against_the_trainers_own_logprobs(args: list[str], cap, tmp_path: Path) -> None:
+    """With ``max_staleness >= 1`` the PPO ratio is taken against the trainer's log-probabilities
+    at the start of the iteration, and the staleness corrected by TIS (``model.tis_cap``, by
+    default ``STALE_TIS_CAP``); the synchronous loop keeps the server's log-probabilities."""
+    cli = build_cli(["--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path), *args], run=False)
+    assert cli.model.hparams.max_staleness == cli.datamodule.max_staleness
+    assert cli.model.loss_config.tis_cap == cap
+
+
 # ---------------------------------------------------------------------- end to end
 
 # The fault suite's small iteration (4 problems x 4, 6 eval problems, eval every iteration,
@@ -210,6 +222,8 @@ def test_trained_rollouts_are_exactly_k_versions_old_at_most(runs: dict[str, Pat
             assert m["problem_seeds"] == seeds_of(runs[name], i)
             assert m["time/wait_rollouts_s"] >= 0 and m["time/server_idle_s"] >= 0
             assert 0 < m["train/tis/weight_mean"] <= 2.0 and m["train/optimizer_steps"] == 2
+    # Running ahead, the built-in CPU server yields the cores to the trainer (data.server.nice unset).
+    assert "--nice 10" in (runs["k1"] / "server.log").read_text()
     # Iteration 1 of both runs: the same problems and sampling seeds on the same weights
     # (version 0): the same completions and rewards.
     a, b = (load(runs[n] / "metrics" / "train_iter_001.json") for n in ("k1", "k2"))
