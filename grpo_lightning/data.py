@@ -135,9 +135,10 @@ class RolloutDataModule(pl.LightningDataModule):
                 says which; ``rollout/staleness_*`` logs it), and the weights go to the server as
                 soon as an iteration's training ends. Rollouts in flight are never interrupted:
                 a sync waits until no request needs the weights it replaces. The PPO ratio is
-                taken against the server's behaviour log-probabilities, so stale rollouts stay
-                correctly weighted (with ``model.tis_cap``, against the trainer's own at the
-                start of the iteration). The same idea as TRL's ``AsyncGRPOTrainer``
+                then clipped against the trainer's own log-probabilities at the start of the
+                iteration, with the staleness corrected by TIS (``model.tis_cap``, default 2
+                when k >= 1), and a built-in CPU server runs at a lower priority
+                (``data.server.nice``). The same idea as TRL's ``AsyncGRPOTrainer``
                 (``max_staleness``), verl's one-step off-policy mode (k = 1) and PipelineRL
                 (Piche et al. 2025). Problem and sampling seeds stay a function of (seed,
                 iteration), so a run is reproducible in what it samples; on resume the
