@@ -13,7 +13,6 @@ iterations old, while the trainer trains (see ``inference/service.py``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,6 @@ from .inference.service import IterationRecord, RolloutRecipe, RolloutService
 from .lora import LoraArgs
 from .models import load_tokenizer, stop_token_ids
 from .rollouts import MicroBatchDataset, RolloutDataset, build_schedule, sampling_seed
-
-AHEAD_NICE = 10
-"""``data.server.nice`` when unset and generation runs ahead (see ``ServerConfig.nice``)."""
 
 
 @dataclass
@@ -137,8 +133,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 a sync waits until no request needs the weights it replaces. The PPO ratio is
                 then clipped against the trainer's own log-probabilities at the start of the
                 iteration, with the staleness corrected by TIS (``model.tis_cap``, default 2
-                when k >= 1), and a built-in CPU server runs at a lower priority
-                (``data.server.nice``). The same idea as TRL's ``AsyncGRPOTrainer``
+                when k >= 1). The same idea as TRL's ``AsyncGRPOTrainer``
                 (``max_staleness``), verl's one-step off-policy mode (k = 1) and PipelineRL
                 (Piche et al. 2025). Problem and sampling seeds stay a function of (seed,
                 iteration), so a run is reproducible in what it samples; on resume the
@@ -261,11 +256,8 @@ class RolloutDataModule(pl.LightningDataModule):
             self.start_service()
 
     def start_service(self) -> None:
-        config = self.server_config
-        if config.nice is None:
-            config = dataclasses.replace(config, nice=AHEAD_NICE if self.max_staleness else 0)
         server = ManagedServer(
-            config,
+            self.server_config,
             self.model_name_or_path,
             # Outside a run (tests, scripts) ManagedServer picks a temporary file.
             log_path=self.run_dir / "server.log" if self.run_dir else None,
@@ -386,7 +378,6 @@ def _server_checks(c: ServerConfig) -> dict[str, bool]:
         "server.gpu_memory_utilization": 0 < c.gpu_memory_utilization <= 1,
         "server.verify_tolerance": c.verify_tolerance >= 0,
         "server.max_model_len": c.max_model_len is None or c.max_model_len >= 1,
-        "server.nice": c.nice is None or 0 <= c.nice <= 19,
     }
 
 

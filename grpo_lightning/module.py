@@ -118,7 +118,7 @@ class GRPOModule(pl.LightningModule):
                 server's log-probabilities of a policy k iterations old, the ratio starts
                 far from 1, PPO's clip stops most of the gradient and leaves unbounded the
                 terms of negative-advantage tokens whose probability rose (on the CPU default
-                at k = 1 the final eval success fell to 0.29-0.43 against 0.53-0.56
+                at k = 1 the final eval success fell to 0.29-0.43 against 0.50-0.56
                 synchronous). Clipping against the trainer's own start-of-iteration
                 log-probabilities and weighting by the capped staleness ratio is the
                 decoupled objective of asynchronous trainers (TRL's importance-sampling

@@ -222,8 +222,6 @@ def test_trained_rollouts_are_exactly_k_versions_old_at_most(runs: dict[str, Pat
             assert m["problem_seeds"] == seeds_of(runs[name], i)
             assert m["time/wait_rollouts_s"] >= 0 and m["time/server_idle_s"] >= 0
             assert 0 < m["train/tis/weight_mean"] <= 2.0 and m["train/optimizer_steps"] == 2
-    # Running ahead, the built-in CPU server yields the cores to the trainer (data.server.nice unset).
-    assert "--nice 10" in (runs["k1"] / "server.log").read_text()
     # Iteration 1 of both runs: the same problems and sampling seeds on the same weights
     # (version 0): the same completions and rewards.
     a, b = (load(runs[n] / "metrics" / "train_iter_001.json") for n in ("k1", "k2"))

@@ -110,11 +110,6 @@ class ServerConfig:
         stop_timeout: Seconds a server gets to exit after SIGTERM before it is killed.
         extra_args: Additional command-line arguments appended to the server's command.
         env: Additional environment variables for the server process.
-        nice: Built-in server with ``device: cpu`` only: how much lower its CPU priority is
-            than the trainer's (``os.nice``, 0-19). None: 10 when generation runs ahead of
-            training (``data.max_staleness >= 1``), else 0. Running ahead, the two compete for
-            the same cores and the trainer is the critical path: the server has slack (it
-            waits for each new policy), the trainer has none.
         python: Interpreter that runs a launched server: an absolute path, a name on ``PATH``,
             or a wrapper script that ends by running ``python "$@"`` (e.g. inside a container).
             None uses the trainer's own. Lets vLLM/SGLang come from an environment of their own
@@ -149,7 +144,6 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     python: str | None = None
-    nice: int | None = None
 
 
 # Where a launched server reads its API key from the environment it inherits.
@@ -183,8 +177,6 @@ def server_argv(
             str(config.max_num_seqs),
         ]
         argv += ["--parent-pid", str(os.getpid())]
-        if config.nice and config.device == "cpu":
-            argv += ["--nice", str(config.nice)]
         if config.max_model_len:
             argv += ["--max-model-len", str(config.max_model_len)]
     elif config.backend == "vllm":

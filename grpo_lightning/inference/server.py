@@ -516,12 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads (default: half the cores, at most 4)",
     )
-    p.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="lower this process's CPU priority by this much (os.nice) before any thread starts",
-    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument(
         "--parent-pid",
@@ -554,8 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.nice:
-        os.nice(args.nice)  # first: threads inherit the niceness of the thread that starts them
     if args.parent_pid is not None:
         _exit_with_parent(args.parent_pid)
 
