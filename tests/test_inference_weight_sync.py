@@ -242,7 +242,8 @@ def test_vllm_without_a_path_argument_gets_update_config_then_reload(tmp_path):
         report = sync_weights(
             [URL], tmp_path, backend="vllm", transport=httpx.MockTransport(routes)
         )
-    assert {w.filename for w in caught} == {__file__}  # this call, not a line inside weight_sync
+    # The warning names this call, not a line inside weight_sync.
+    assert [w.filename for w in caught if "not verified" in str(w.message)] == [__file__]
     assert [body["method"] for path, body in routes.calls if path == "/collective_rpc"] == [
         "reload_weights",
         "update_config",
@@ -282,11 +283,9 @@ def test_warnings_point_at_the_caller_of_sync_weights_on_both_paths(tmp_path):
     with pytest.warns(UserWarning) as caught:
         for folder in (full, *adapters):
             assert not sync_weights(server, folder, transport=transport).verified
-    messages = [str(w.message) for w in caught]
-    assert sum("reports no version" in m for m in messages) == 3
-    assert sum("not verified" in m for m in messages) == 3
-    assert sum("did not unload the old LoRA adapter" in m for m in messages) == 1 and len(messages) == 7
-    assert {w.filename for w in caught} == {__file__}
+    kinds = ("reports no version", "not verified", "did not unload the old LoRA adapter")
+    ours = [(kind, w.filename) for w in caught for kind in kinds if kind in str(w.message)]
+    assert sorted(ours) == sorted([(kinds[0], __file__)] * 3 + [(kinds[1], __file__)] * 3 + [(kinds[2], __file__)])
 
 
 def test_vllm_without_dev_mode_cannot_reload_an_attached_server(tmp_path):
