@@ -248,9 +248,9 @@ def _verify(
 
 
 def _warn(message: str) -> None:
-    """Warn at the caller of ``sync_weights`` (or ``load_adapter``): the first frame outside
-    this module. A fixed ``stacklevel`` cannot, since the same check runs at different depths
-    on the full-weights and the adapter path (``skip_file_prefixes`` does this from Python 3.12)."""
+    """Warn at the caller of ``sync_weights``: the first frame outside this module. A fixed
+    ``stacklevel`` cannot, since the same check runs at different depths on the full-weights
+    and the adapter path (``skip_file_prefixes`` does this from Python 3.12)."""
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
