@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -51,13 +52,16 @@ async def raw(requests: list[GenerationRequest], transport: httpx.MockTransport)
         await asyncio.gather(*(one(r) for r in requests))
 
 
-def cpu_ms_per_request(run, requests: int, repeats: int) -> float:
-    best = float("inf")
+def cpu_ms_per_request(runs: dict[str, Callable[[], None]], requests: int, repeats: int) -> dict[str, float]:
+    """The best CPU milliseconds per request of each run over ``repeats`` rounds; every round
+    times each run once, so a change in the machine's load hits all of them alike."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        t0 = time.process_time()
-        run()
-        best = min(best, time.process_time() - t0)
-    return 1000 * best / requests
+        for name, run in runs.items():
+            t0 = time.process_time()
+            run()
+            best[name] = min(best[name], time.process_time() - t0)
+    return {name: 1000 * seconds / requests for name, seconds in best.items()}
 
 
 def main() -> None:
@@ -75,11 +79,16 @@ def main() -> None:
         )
         reqs = [GenerationRequest(prompt, n, i, SamplingParams(max_tokens=tokens)) for i in range(args.requests)]
         client = RolloutClient(["http://gpu:8000"], backend="vllm", model="m", transport=transport)
-        # Interleaved, one warm-up each: both paths see the same load on a shared machine.
+        # One warm-up each, then the timed rounds interleaved: both paths see the same load on
+        # a shared machine.
         client.generate(reqs[:2])
         asyncio.run(raw(reqs[:2], transport))
-        sdk_ms = cpu_ms_per_request(lambda: client.generate(reqs), args.requests, args.repeats)  # noqa: B023
-        raw_ms = cpu_ms_per_request(lambda: asyncio.run(raw(reqs, transport)), args.requests, args.repeats)  # noqa: B023
+        ms = cpu_ms_per_request(
+            {"sdk": lambda: client.generate(reqs), "raw": lambda: asyncio.run(raw(reqs, transport))},  # noqa: B023
+            args.requests,
+            args.repeats,
+        )
+        sdk_ms, raw_ms = ms["sdk"], ms["raw"]
         print(f"{prompt_len:>6} {n:>3} {tokens:>6} | {sdk_ms:>10.2f} {raw_ms:>10.2f} {sdk_ms / raw_ms:>7.2f}")
 
 

@@ -195,6 +195,9 @@ class WeightSyncCallback(pl.Callback):
                 "sync/method": report.method,
                 "sync/verified": report.verified,
                 "sync/reason": reason,
+                # The label every server reported for the new weights (vLLM, SGLang); null where
+                # none reports one (the built-in server, verified by its checksum instead).
+                "sync/weight_version": report.weight_version,
             }
             rank_zero_info(f"weights synced to the server ({reason}, {report.method}) in {record.sync['time/sync_s']:.2f}s")
         trainer.strategy.barrier("weight_sync")

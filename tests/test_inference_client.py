@@ -301,7 +301,8 @@ def test_5xx_and_connection_errors_are_retried_4xx_are_not():
         backoff=0.01,
         transport=httpx.MockTransport(rejected),
     )
-    with pytest.raises(GenerationError, match="max_tokens too large"):
+    # A rejected request is the caller's to fix: one attempt, and not a dead server.
+    with pytest.raises(GenerationError, match="rejected the request: HTTP 400 .*max_tokens too large"):
         client.generate([request()])
     assert len(rejected.calls) == 1
 

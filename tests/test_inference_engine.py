@@ -158,8 +158,11 @@ def test_a_stopped_engine_refuses_requests_and_weight_swaps_instead_of_hanging(t
     tensors = {k: v.clone() for k, v in eng.model.state_dict().items()}
     eng.close()
 
+    def copy_in(model) -> None:
+        model.load_state_dict(tensors)
+
     async def swap():
-        await asyncio.wait_for(eng.swap_weights(tensors, "x", "p"), timeout=5)
+        await asyncio.wait_for(eng.swap_weights(copy_in, "x", "p"), timeout=5)
 
     with pytest.raises(RuntimeError, match="shut down"):
         asyncio.run(swap())

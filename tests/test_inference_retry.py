@@ -7,9 +7,9 @@ import asyncio
 
 import httpx
 import pytest
-from test_inference_client import Recorder, request
+from test_inference_client import request
 
-from grpo_lightning.inference.client import GenerationError, RetriesExhausted, RolloutClient
+from grpo_lightning.inference.client import RetriesExhausted, RolloutClient
 from grpo_lightning.inference.retry import RetryPolicy
 
 
@@ -133,10 +133,3 @@ def test_the_client_sends_max_retries_plus_one_attempts_rotating_over_the_urls()
         client.generate([request()])
     assert hosts == ["a", "b", "c", "a", "b"]
     assert "\n" not in str(err.value)
-    # A rejected request is the caller's to fix: one attempt, and not a dead server.
-    rejected = Recorder((422, {"error": {"message": "bad top_k"}}))
-    client = RolloutClient(["http://a:1", "http://b:1"], model="m", max_retries=4, backoff=0.0,
-                           transport=httpx.MockTransport(rejected))
-    with pytest.raises(GenerationError, match="rejected the request: HTTP 422 .*bad top_k") as err:
-        client.generate([request()])
-    assert len(rejected.calls) == 1 and not isinstance(err.value, RetriesExhausted)

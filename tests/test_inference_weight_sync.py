@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from grpo_lightning.inference.client import ServerUnavailable
+from grpo_lightning.inference.launch import ManagedServer, ServerConfig
+from grpo_lightning.inference.retry import RetryPolicy
 from grpo_lightning.inference.weight_sync import (
     DEFAULT_PROBE_PROMPT,
-    Retry,
     WeightSyncError,
     sync_weights,
 )
@@ -220,11 +221,11 @@ def test_a_server_one_step_behind_is_caught_by_its_version_where_the_probe_passe
 
 def test_reset_prefix_cache_success_false_is_retried_once_then_fails_the_sync(tmp_path):
     server = FakeVLLM(reset_answers=[False, True])
-    report = sync_weights([URL], tmp_path, backend="vllm", retry=Retry(0, 0.01), transport=httpx.MockTransport(server))
+    report = sync_weights([URL], tmp_path, backend="vllm", retry=RetryPolicy(0, 0.01), transport=httpx.MockTransport(server))
     assert server.paths().count("/reset_prefix_cache") == 2 and report.verified
     server = FakeVLLM(reset_answers=[False])
     with pytest.raises(WeightSyncError, match="answered success=false twice"):
-        sync_weights([URL], tmp_path, backend="vllm", retry=Retry(0, 0.01), transport=httpx.MockTransport(server))
+        sync_weights([URL], tmp_path, backend="vllm", retry=RetryPolicy(0, 0.01), transport=httpx.MockTransport(server))
     assert server.paths() == ["/collective_rpc", "/reset_prefix_cache", "/reset_prefix_cache"]
 
 
@@ -237,10 +238,12 @@ def test_vllm_without_a_path_argument_gets_update_config_then_reload(tmp_path):
         ],
         reset_prefix_cache=[(200, {"success": True})],
     )
-    with pytest.warns(UserWarning, match="not verified"):
+    with pytest.warns(UserWarning, match="not verified") as caught:
         report = sync_weights(
             [URL], tmp_path, backend="vllm", transport=httpx.MockTransport(routes)
         )
+    # The warning names this call, not a line inside weight_sync.
+    assert [w.filename for w in caught if "not verified" in str(w.message)] == [__file__]
     assert [body["method"] for path, body in routes.calls if path == "/collective_rpc"] == [
         "reload_weights",
         "update_config",
@@ -250,6 +253,39 @@ def test_vllm_without_a_path_argument_gets_update_config_then_reload(tmp_path):
     # That vLLM predates /update_weight_version (404): nothing can verify without a probe.
     assert routes.calls[-1][0] == "/update_weight_version"
     assert report.method == "reload" and not report.verified
+
+
+def test_warnings_point_at_the_caller_of_sync_weights_on_both_paths(tmp_path):
+    """A vLLM that takes the version label but reports none with its completions (so nothing
+    verifies a sync) and fails to unload an old adapter: every warning names the line that
+    called ``sync_weights``, though the checks that raise them sit at different call depths
+    on the full-weights and the adapter path."""
+    routes = Routes(**{
+        "collective_rpc": [(200, {"results": [None]})],
+        "reset_prefix_cache": [(200, {"success": True})],
+        "update_weight_version": [(200, {"success": True})],
+        "v1/models": [(200, VLLM_MODELS_ANSWER)],
+        "v1/completions": [(200, vllm_probe_answer(trainer_logprobs(1), None))],
+        "v1/load_lora_adapter": [(200, "Success: LoRA adapter added.")],
+        "v1/unload_lora_adapter": [(500, {"detail": "Internal Server Error"})],
+    })
+    full = tmp_path / "full"
+    full.mkdir()
+    adapters = []
+    for i in range(2):  # the sync names an adapter after its weights' bytes and reads nothing else
+        folder = tmp_path / f"adapter{i}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(bytes([i]))
+        adapters.append(folder)
+    server = ManagedServer(ServerConfig(backend="vllm", urls=["http://127.0.0.1:8000"]))  # loopback: no dev-mode warning
+    transport = httpx.MockTransport(routes)
+    with pytest.warns(UserWarning) as caught:
+        for folder in (full, *adapters):
+            assert not sync_weights(server, folder, transport=transport).verified
+    kinds = ("reports no version", "not verified", "did not unload the old LoRA adapter")
+    ours = [(kind, w.filename) for w in caught for kind in kinds if kind in str(w.message)]
+    assert sorted(ours) == sorted([(kinds[0], __file__)] * 3 + [(kinds[1], __file__)] * 3 + [(kinds[2], __file__)])
 
 
 def test_vllm_without_dev_mode_cannot_reload_an_attached_server(tmp_path):
@@ -361,19 +397,19 @@ class DownFor:
 
 def test_a_sync_the_server_does_not_answer_is_retried_within_the_budget(tmp_path):
     down = DownFor(2)
-    report = sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(down))
+    report = sync_weights([URL], tmp_path, backend="sglang", retry=RetryPolicy(2, 0.01), transport=httpx.MockTransport(down))
     assert [c[0] for c in down.server.calls] == ["/update_weights_from_disk", "/generate"]
     assert down.attempts == 4 and report.verified
     down = DownFor(3)
     with pytest.raises(ServerUnavailable) as err:
-        sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(down))
+        sync_weights([URL], tmp_path, backend="sglang", retry=RetryPolicy(2, 0.01), transport=httpx.MockTransport(down))
     assert down.attempts == 3 and not down.server.calls
     assert not isinstance(err.value, WeightSyncError)  # a lost server, as in generation: not a refusal
     assert str(err.value).startswith(f"{URL}/update_weights_from_disk got no answer after 3 attempts: ConnectError")
     # An answer, even a refusal, is not retried: the server is there and said no.
     refusing = Routes(update_weights_from_disk=[(400, {"success": False, "message": "bad folder"})])
     with pytest.raises(WeightSyncError, match="bad folder") as err:
-        sync_weights([URL], tmp_path, backend="sglang", retry=Retry(2, 0.01), transport=httpx.MockTransport(refusing))
+        sync_weights([URL], tmp_path, backend="sglang", retry=RetryPolicy(2, 0.01), transport=httpx.MockTransport(refusing))
     assert not isinstance(err.value, ServerUnavailable) and len(refusing.calls) == 1
 
 

@@ -79,6 +79,7 @@ def test_run_directory(reference_run: Path) -> None:
         assert m["train/optimizer_steps"] == config["model"]["num_iterations"] * config["model"]["steps_per_iteration"]
         assert m["time/generate_s"] > 0 and m["time/train_s"] > 0 and m["time/sync_s"] > 0
         assert m["sync/verified"] is True
+        assert m["sync/weight_version"] is None  # the built-in server labels no version: its checksum verifies
         assert len(m["problem_seeds"]) == 4
     first = load(run / "metrics" / "train_iter_000.json")
     assert first["train/kl/mean"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at the reference

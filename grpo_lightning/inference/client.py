@@ -5,9 +5,10 @@ Every completion comes back with the exact prompt and completion token ids the s
 the distribution it sampled from, the finish reason and the decoded text.
 
 * ``builtin`` and ``vllm``: OpenAI ``POST /v1/completions`` through the ``openai`` SDK (one
-  ``AsyncOpenAI`` per URL, its own retries off) with a token-id prompt, ``n``, ``seed`` and
-  ``logprobs: 0``; what the OpenAI API lacks (``return_token_ids``, ``top_k``, ...) goes in
-  ``extra_body``, and the token ids come back as fields the SDK keeps beyond its schema. Both
+  ``AsyncOpenAI`` per URL, its own retries off; imported at the first client, not when the CLI
+  starts) with a token-id prompt, ``n``, ``seed`` and ``logprobs: 0``; the fields the SDK
+  declares go as its arguments, what the OpenAI API lacks (``return_token_ids``, ``top_k``,
+  ...) in ``extra_body``, and the token ids come back as fields the SDK keeps beyond its schema. Both
   servers sample choice ``i`` with ``seed + i``. For vLLM, launch with ``--logprobs-mode
   processed_logprobs`` so that logprobs are those after temperature/top-k/top-p
   (``launch.server_argv`` does).
@@ -34,16 +35,18 @@ import concurrent.futures
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 
 from .retry import RetryPolicy
 
+if TYPE_CHECKING:
+    # Imported by the first client instead (it costs every CLI process seconds at startup).
+    import openai
+
 BACKENDS = ("builtin", "vllm", "sglang")
 RETRY_STATUS = {408, 429}
-# ``completions.create``'s own arguments; the rest of our body goes through ``extra_body``.
-SDK_COMPLETION_ARGS = ("model", "prompt", "n", "seed", "max_tokens", "temperature", "top_p", "logprobs")
 
 
 class ServerUnavailable(RuntimeError):
@@ -161,6 +164,9 @@ class RolloutClient:
             urls = [urls]
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
+        import openai
+        from openai.types.completion_create_params import CompletionCreateParamsBase
+
         self.urls = [u.rstrip("/") for u in urls]
         self.backend = backend
         self.model = model
@@ -174,6 +180,11 @@ class RolloutClient:
         self.adapter = adapter
         self._models: dict[str, str] = {}
         self._next_url = itertools.count()
+        # The SDK insists on a key: without one a placeholder is set and its header omitted
+        # (per request: the SDK accepts the omission only there).
+        self._sdk_headers = {} if api_key else {"Authorization": openai.Omit()}
+        # ``completions.create``'s own arguments; the rest of a body goes through ``extra_body``.
+        self._sdk_fields = frozenset(CompletionCreateParamsBase.__annotations__)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -192,10 +203,8 @@ class RolloutClient:
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
         # One connection pool for every URL; the SDK accepts an httpx client (``transport``
-        # stands in for the network in tests).
-        async with httpx.AsyncClient(
-            timeout=self.request_timeout, limits=limits, transport=self.transport
-        ) as http:
+        # stands in for the network in tests) and sets each request's timeout itself.
+        async with httpx.AsyncClient(limits=limits, transport=self.transport) as http:
             servers = {url: self._sdk(url, http) for url in self.urls}
             tasks = [
                 asyncio.ensure_future(self._request(servers, sem, i, r, on_done))
@@ -268,8 +277,9 @@ class RolloutClient:
         return completions
 
     def _sdk(self, url: str, http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+        import openai
+
         # max_retries=0: our retry policy (next URL, backoff, the budget) is the only one.
-        # The SDK insists on a key: without one a placeholder is set and its header omitted.
         return openai.AsyncOpenAI(
             base_url=f"{url}/v1",
             api_key=self.api_key or "unused",
@@ -279,7 +289,8 @@ class RolloutClient:
         )
 
     async def _call(self, sdk: openai.AsyncOpenAI, url: str, req: GenerationRequest) -> list[Completion]:
-        headers = {} if self.api_key else {"Authorization": openai.Omit()}
+        import openai
+
         if self.backend == "sglang":
             payload = sglang_payload(req)
             if self.adapter is not None:
@@ -289,29 +300,25 @@ class RolloutClient:
             body = await _answer(
                 f"{url}/generate",
                 self.request_timeout,
-                sdk.post(f"{url}/generate", cast_to=object, body=payload, options={"headers": headers}),
+                sdk.post(f"{url}/generate", cast_to=object, body=payload, options={"headers": self._sdk_headers}),
             )
             return parse_sglang(body, req, self.tokenizer)
-        model = self.adapter or self.model or await self._served_model(sdk, url, headers)
-        payload = openai_payload(req, model)
+        model = self.adapter or self.model or await self._served_model(sdk, url)
+        extra = openai_payload(req, model)
         if self.return_weight_versions:
-            payload["return_weight_versions"] = True
-        sdk_args = {k: v for k, v in payload.items() if k in SDK_COMPLETION_ARGS}
-        extra = {k: v for k, v in payload.items() if k not in SDK_COMPLETION_ARGS}
-        answer = await _answer(
-            f"{url}/v1/completions",
-            self.request_timeout,
-            sdk.completions.create(**sdk_args, extra_body=extra, extra_headers=headers),
-        )
+            extra["return_weight_versions"] = True
+        declared = {k: extra.pop(k) for k in list(extra) if k in self._sdk_fields}
+        call = sdk.completions.create(**declared, extra_body=extra, extra_headers=self._sdk_headers)
+        answer = await _answer(f"{url}/v1/completions", self.request_timeout, call)
         if not isinstance(answer, openai.BaseModel):  # text, or JSON that is not an object
             raise GenerationError(f"{url}/v1/completions answered with no completions object: {_one_line(answer)}")
         # vLLM's fields beyond the OpenAI schema (token_ids, prompt_token_ids,
         # weight_versions) are kept by the SDK's models and come back in model_dump().
         return parse_openai(answer.model_dump(warnings=False), req, self.tokenizer)
 
-    async def _served_model(self, sdk: openai.AsyncOpenAI, url: str, headers: dict) -> str:
+    async def _served_model(self, sdk: openai.AsyncOpenAI, url: str) -> str:
         if url not in self._models:
-            page = await _answer(f"{url}/v1/models", self.request_timeout, sdk.models.list(extra_headers=headers))
+            page = await _answer(f"{url}/v1/models", self.request_timeout, sdk.models.list(extra_headers=self._sdk_headers))
             try:
                 self._models[url] = page.data[0].id
             except (AttributeError, IndexError, TypeError):
@@ -325,6 +332,8 @@ class RolloutClient:
 async def _answer(where: str, timeout: float, call: Awaitable):
     """``call``'s result, or its failure as ``_Retryable`` (no answer, 5xx/408/429: another
     attempt may succeed) or ``GenerationError`` (the server rejected the request)."""
+    import openai
+
     try:
         return await call
     except openai.APITimeoutError:

@@ -17,7 +17,7 @@ Each sequence samples with its own ``torch.Generator`` (``sampling.draw``), so i
 not depend on what else shares the batch.
 
 Weight swaps stop admitting new sequences, let the running ones finish on the old weights,
-copy the new tensors in, then resume: a sequence never mixes two sets of weights.
+change the weights in place, then resume: a sequence never mixes two sets of weights.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -217,7 +216,7 @@ class GenerationEngine:
         self._cv = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._swap: (
-            tuple[Any, str, str, asyncio.Future, asyncio.AbstractEventLoop]
+            tuple[Callable[[torch.nn.Module], None], str, str, asyncio.Future, asyncio.AbstractEventLoop]
             | None
         ) = None
         self._closing = False
@@ -268,11 +267,11 @@ class GenerationEngine:
         return self._swap is not None
 
     async def swap_weights(
-        self, tensors: dict[str, torch.Tensor] | Callable[[torch.nn.Module], None], checksum: str, model_path: str
+        self, update: Callable[[torch.nn.Module], None], checksum: str, model_path: str
     ) -> None:
-        """Install new weights once the running sequences have finished on the old ones:
-        ``tensors`` copied in, or a function that changes the model's weights in place (a LoRA
-        merge computed straight into them, with no second copy of the adapted weights)."""
+        """Once the running sequences have finished on the old weights, run ``update``, a
+        function that changes the model's weights in place (copies a checkpoint's tensors in,
+        or merges a LoRA adapter straight into them), under ``torch.no_grad``."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         with self._cv:
@@ -280,13 +279,13 @@ class GenerationEngine:
             # settle ``done``, so refuse instead of hanging the request.
             if self._closing or not self._thread.is_alive():
                 raise RuntimeError("the generation engine is shut down")
-            self._swap = (tensors, checksum, model_path, done, loop)
+            self._swap = (update, checksum, model_path, done, loop)
             self._cv.notify()
         await done
 
-    def check_weights(self, tensors: dict[str, torch.Tensor], partial: bool = False) -> None:
-        """Raise ValueError unless ``tensors`` fit the served model (names, shapes); with
-        ``partial`` they may replace only some of its weights (a merged LoRA adapter)."""
+    def check_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError unless ``tensors`` fit the served model (names, shapes) and
+        replace all of its weights."""
         params = self.model.state_dict()
         unexpected = sorted(set(tensors) - set(params))
         if unexpected:
@@ -302,7 +301,7 @@ class GenerationEngine:
         # Tied parameters (lm_head = embeddings) are stored once; anything else missing is an error.
         given = {params[name].data_ptr() for name in tensors}
         missing = sorted(n for n in set(params) - set(tensors) if params[n].data_ptr() not in given)
-        if missing and not partial:
+        if missing:
             raise ValueError(
                 f"weights do not match the served model: missing tensors {missing[:5]}"
             )
@@ -358,13 +357,10 @@ class GenerationEngine:
 
     def _apply_swap(self) -> None:
         assert self._swap is not None
-        tensors, checksum, model_path, fut, loop = self._swap
+        update, checksum, model_path, fut, loop = self._swap
         try:
             with torch.no_grad():
-                if callable(tensors):
-                    tensors(self.model)
-                else:
-                    self.model.load_state_dict(tensors, strict=False)
+                update(self.model)
             self.checksum, self.model_path = checksum, model_path
             self.weights_version += 1
             result: object = None

@@ -19,9 +19,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
+
+if TYPE_CHECKING:
+    from .launch import ServerConfig
 
 T = TypeVar("T")
 
@@ -45,6 +48,12 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_retries is None and self.deadline is None:
             raise ValueError("a RetryPolicy needs max_retries or a deadline: it would never give up")
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> RetryPolicy:
+        """The retry budget ``data.server`` sets (``max_retries``, ``backoff``) for requests
+        to its servers."""
+        return cls(config.max_retries, config.backoff)
 
     def pause(self, retry: int) -> float:
         """Seconds before retry number ``retry`` (1 for the first)."""

@@ -377,8 +377,12 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
                     status_code=400,
                 )
             checksum = await asyncio.to_thread(state_dict_checksum, tensors)
+
+            def copy_in(model: torch.nn.Module) -> None:
+                model.load_state_dict(tensors, strict=False)  # a tied weight (lm_head) is stored once
+
             try:
-                await engine.swap_weights(tensors, checksum, path)
+                await engine.swap_weights(copy_in, checksum, path)
             except RuntimeError as exc:
                 raise ApiError(503, str(exc)) from exc
             adapter.update(name=None, keys=set(), base_weights={}, base_checksum=checksum)
@@ -418,12 +422,12 @@ def create_app(engine: GenerationEngine, tokenizer, limits: ServerLimits) -> Fas
         # Weights the previous adapter changed and this one does not go back to the base.
         restore = adapter["keys"] - set(pairs)
 
-        def apply(model: torch.nn.Module) -> None:
-            weights = model.state_dict()
+        def apply(_: torch.nn.Module) -> None:
+            # ``params`` share their storage with the model's weights: writing them merges in place.
             for key, (a, b) in pairs.items():
-                merge_into(weights[key], base[key], a, b, scaling)
+                merge_into(params[key], base[key], a, b, scaling)
             for key in restore:
-                weights[key].copy_(base[key])
+                params[key].copy_(base[key])
 
         checksum = adapter["base_checksum"]
         return apply, set(pairs), with_adapter_checksum(checksum, adapter_checksum(scaling, pairs)) if path else checksum

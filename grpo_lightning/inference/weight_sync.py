@@ -47,6 +47,7 @@ so the caller can tell a lost server from a refused update (``WeightSyncError``)
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 import warnings
@@ -73,11 +74,6 @@ DEFAULT_PROBE_PROMPT = [0, 1, 2, 3, 4, 5, 6, 7]
 
 class WeightSyncError(RuntimeError):
     """New weights could not be pushed, or the server was not shown to serve them."""
-
-
-Retry = RetryPolicy
-"""Retries of a sync request that got no answer (``Retry(max_retries, backoff)``): the policy
-generation requests follow."""
 
 
 @dataclass
@@ -113,7 +109,7 @@ def sync_weights(
     probe_tokens: int = 8,
     tolerance: float | None = None,
     timeout: float = 600.0,
-    retry: Retry | None = None,
+    retry: RetryPolicy | None = None,
     transport: httpx.BaseTransport | None = None,
     version: str | None = None,
 ) -> SyncReport:
@@ -134,13 +130,13 @@ def sync_weights(
         api_key = api_key if api_key is not None else managed.config.api_key
         method = method or managed.config.sync
         tolerance = managed.config.verify_tolerance if tolerance is None else tolerance
-        retry = retry or Retry(managed.config.max_retries, managed.config.backoff)
+        retry = retry or RetryPolicy.from_config(managed.config)
     else:
         urls = [server] if isinstance(server, str) else list(server)
         backend = backend or "builtin"
         method = method or "auto"
         tolerance = 0.05 if tolerance is None else tolerance
-    retry = retry or Retry()
+    retry = retry or RetryPolicy()
     urls = [u.rstrip("/") for u in urls]
     model_dir = str(Path(model_dir).resolve())
     if not Path(model_dir).is_dir():
@@ -157,7 +153,7 @@ def sync_weights(
     start = time.perf_counter()
     if managed is not None and managed.managed and managed.exit_code is not None and chosen != "restart":
         # Nothing can load weights into a process that is gone: start it on them, whatever the method.
-        warnings.warn(f"the server process exited (code {managed.exit_code}); restarting it on {model_dir}", stacklevel=2)
+        _warn(f"the server process exited (code {managed.exit_code}); restarting it on {model_dir}")
         chosen = "restart"
     with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
         if chosen == "restart":
@@ -171,7 +167,7 @@ def sync_weights(
             except (WeightSyncError, ServerUnavailable) as exc:
                 if not (method == "auto" and managed is not None and managed.managed):
                     raise
-                warnings.warn(f"{exc}; restarting the server instead", stacklevel=2)
+                _warn(f"{exc}; restarting the server instead")
                 chosen = "restart"
                 labelled = []  # a fresh process serves the folder it was started on
                 _restart(managed, model_dir, recover=True)
@@ -195,7 +191,7 @@ class _Check:
     urls: list[str]
     backend: str
     api_key: str | None
-    retry: Retry
+    retry: RetryPolicy
     transport: httpx.BaseTransport | None
     probe: Probe | None
     prompt: list[int]
@@ -244,12 +240,21 @@ def _verify(
         report.verified = report.verified or check.probe is not None or every
     report.verify_seconds = time.perf_counter() - start
     if not report.verified:
-        warnings.warn(
+        _warn(
             f"weights pushed to {', '.join(urls)} by {report.method} but not verified: pass probe= "
-            "(the trainer's logprobs) so that stale weights are caught",
-            stacklevel=3,
+            "(the trainer's logprobs) so that stale weights are caught"
         )
     return report
+
+
+def _warn(message: str) -> None:
+    """Warn at the caller of ``sync_weights``: the first frame outside this module. A fixed
+    ``stacklevel`` cannot, since the same check runs at different depths on the full-weights
+    and the adapter path (``skip_file_prefixes`` does this from Python 3.12)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _resolve_method(method: str, backend: str, can_restart: bool) -> str:
@@ -278,7 +283,7 @@ def _restart(server: ManagedServer, model_dir: str, recover: bool) -> None:
         raise WeightSyncError(f"restarting the server on {model_dir} failed: {exc}") from exc
 
 
-def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, payload: dict | None = None) -> httpx.Response:
+def _send(http: httpx.Client, method: str, url: str, path: str, retry: RetryPolicy, payload: dict | None = None) -> httpx.Response:
     def give_up(last: BaseException, attempts: int) -> ServerUnavailable:
         return ServerUnavailable(
             f"{url}{path} got no answer after {attempts} attempt{'s' if attempts > 1 else ''}: "
@@ -291,7 +296,7 @@ def _send(http: httpx.Client, method: str, url: str, path: str, retry: Retry, pa
         raise WeightSyncError(f"{url}{path} failed: {type(exc).__name__}: {exc}") from None
 
 
-def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry, version: str | None) -> bool:
+def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: RetryPolicy, version: str | None) -> bool:
     """SGLang (and the built-in server): returns True when the update labelled the weights."""
     body = {"model_path": model_dir}
     if version is not None:
@@ -304,7 +309,7 @@ def _update_from_disk(http: httpx.Client, url: str, model_dir: str, retry: Retry
     return version is not None
 
 
-def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry, version: str | None) -> bool:
+def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: RetryPolicy, version: str | None) -> bool:
     """Returns True when the server took the version label (vLLM with ``/update_weight_version``)."""
     r = _send(
         http,
@@ -334,7 +339,7 @@ def _vllm_reload(http: httpx.Client, url: str, model_dir: str, retry: Retry, ver
     return version is not None and _label_version(http, url, version, retry)
 
 
-def _label_version(http: httpx.Client, url: str, version: str, retry: Retry) -> bool:
+def _label_version(http: httpx.Client, url: str, version: str, retry: RetryPolicy) -> bool:
     """``POST /update_weight_version`` (vLLM; SGLang, whose request model also has
     ``abort_all_requests``, left to its default: syncs run with no request in flight). Returns
     False for a server without the route (older vLLM), which only the probe can check."""
@@ -346,7 +351,7 @@ def _label_version(http: httpx.Client, url: str, version: str, retry: Retry) -> 
     return True
 
 
-def _reset_prefix_cache(http: httpx.Client, url: str, retry: Retry) -> None:
+def _reset_prefix_cache(http: httpx.Client, url: str, retry: RetryPolicy) -> None:
     # vLLM answers 200 {"success": false} while blocks are still held (a request still running,
     # a KV offload in flight); the old weights' KV would then be reused. One more try after a
     # pause, then the sync fails (and a server of ours is restarted instead).
@@ -379,7 +384,7 @@ def _check_checksum(
     urls: list[str],
     what: str,
     expected_for: Callable[[str], str],
-    retry: Retry,
+    retry: RetryPolicy,
     adapter: str | None = None,
 ) -> str:
     """The checksum every built-in server reports for its served weights, which must be
@@ -418,10 +423,9 @@ def _probe_completion(client: RolloutClient, prompt: list[int], tokens: int) -> 
 def _check_version(url: str, completion: Completion, version: str) -> bool:
     """True when the completion shows ``version``; False when the server reports no version."""
     if not completion.weight_versions:
-        warnings.warn(
+        _warn(
             f"{url} took weight version {version!r} but reports no version with its completions; "
-            "only the logprob probe can check it",
-            stacklevel=3,
+            "only the logprob probe can check it"
         )
         return False
     if set(completion.weight_versions) != {version}:
@@ -478,7 +482,7 @@ def _is_adapter(folder: str) -> bool:
     return is_adapter_folder(folder)
 
 
-def _load_one(http: httpx.Client, url: str, backend: str, name: str, folder: str, retry: Retry) -> None:
+def _load_one(http: httpx.Client, url: str, backend: str, name: str, folder: str, retry: RetryPolicy) -> None:
     r = _send(http, "POST", url, ADAPTER_ROUTES[backend][0], retry, adapter_request(name, folder))
     try:
         answer = r.json()
@@ -493,16 +497,16 @@ def _load_one(http: httpx.Client, url: str, backend: str, name: str, folder: str
     raise WeightSyncError(f"{url} refused the LoRA adapter {folder}: HTTP {r.status_code} {' '.join(str(message).split())[:300]}")
 
 
-def _unload_one(http: httpx.Client, url: str, backend: str, name: str, retry: Retry) -> None:
+def _unload_one(http: httpx.Client, url: str, backend: str, name: str, retry: RetryPolicy) -> None:
     r = _send(http, "POST", url, ADAPTER_ROUTES[backend][1], retry, {"lora_name": name})
     if r.status_code not in (200, 404):  # 404: gone already (e.g. the server restarted)
-        warnings.warn(f"{url} did not unload the old LoRA adapter {name}: HTTP {r.status_code} {r.text[:200]}", stacklevel=3)
+        _warn(f"{url} did not unload the old LoRA adapter {name}: HTTP {r.status_code} {r.text[:200]}")
 
 
 def load_adapter(server: ManagedServer, folder: str, name: str) -> None:
     """Load the adapter in ``folder`` as ``name`` on every server (no verification)."""
     cfg = server.config
-    retry = Retry(cfg.max_retries, cfg.backoff)
+    retry = RetryPolicy.from_config(cfg)
     with httpx.Client(timeout=cfg.request_timeout, headers=auth_headers(cfg.api_key)) as http:
         for url in server.urls:
             _load_one(http, url, cfg.backend, name, folder, retry)
@@ -528,7 +532,7 @@ def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, tim
     start = time.perf_counter()
     with httpx.Client(timeout=timeout, headers=auth_headers(check.api_key), transport=check.transport) as http:
         if ours and managed.exit_code is not None:
-            warnings.warn(f"the server process exited (code {managed.exit_code}); restarting it", stacklevel=3)
+            _warn(f"the server process exited (code {managed.exit_code}); restarting it")
             method = "restart"
         else:
             try:
@@ -537,7 +541,7 @@ def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, tim
             except WeightSyncError as exc:
                 if not ours:
                     raise
-                warnings.warn(f"{exc}; restarting the server instead", stacklevel=3)
+                _warn(f"{exc}; restarting the server instead")
                 method = "restart"
         if managed is not None:
             managed.adapter = (name, folder)
