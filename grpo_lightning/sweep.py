@@ -240,14 +240,11 @@ def run_fit(argv: list[str], log_path: str, env: dict[str, str], cpu_s: Any) -> 
     os.setsid()
     os.environ.clear()
     os.environ.update(env)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     from .inference import prefork
 
+    prefork.redirect_output(log_path)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     prefork.start()  # while this process has no other thread (see inference/prefork.py)
     threads = env.get("OMP_NUM_THREADS")
     if threads:  # the OpenMP runtime read the fork server's environment when torch loaded

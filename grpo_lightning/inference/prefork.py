@@ -111,6 +111,15 @@ def discard() -> None:
         _reap(pid)
 
 
+def redirect_output(log_path: str | Path) -> None:
+    """Point this process's stdout and stderr (the file descriptors, so child processes and C
+    code write there too) at the end of ``log_path``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
@@ -130,10 +139,7 @@ def _wait_and_serve(r: int) -> int:
     os.setsid()  # start_new_session=True: the launcher signals the server's group
     os.environ.clear()
     os.environ.update(env)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    redirect_output(log_path)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
