@@ -13,7 +13,9 @@ Per token ``t`` of completion ``i`` (all tensors completion-aligned ``[B, T]``):
 * ``w`` is 1, or with ``tis_cap`` the truncated importance-sampling weight of TIS (Yao et al.
   2025, "Your efficient RL framework secretly brings you off-policy RL training"), which
   corrects the mismatch between the inference server's sampling probabilities and the
-  trainer's: ``w = min(pi_old / pi_behaviour, tis_cap)``.
+  trainer's, including rollouts sampled by an older policy (``data.max_staleness >= 1``, where
+  ``pi_old`` is the trainer at the start of the iteration and the clip is taken against it):
+  ``w = min(pi_old / pi_behaviour, tis_cap)``.
 * KL uses one of Schulman's (2020, "Approximating KL divergence") estimators k1/k2/k3.
 * The advantages ``A_i`` come from :mod:`grpo_lightning.advantages` (GRPO, Shao et al. 2024).
 
