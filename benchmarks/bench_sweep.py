@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import shlex
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from grpo_lightning.runfiles import read_evals
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = {"random": ["--sampler", "random"], "random-asha": ["--sampler", "random", "--pruner", "asha"],
@@ -102,9 +103,8 @@ def finish(run: dict) -> dict:
 
 
 def curve(run: dict, row: dict) -> dict[int, dict]:
-    """A trial's evals by iteration (1-based: the step reported to the pruner)."""
-    metrics = run["dir"] / row["run_dir"] / "metrics"
-    return {int(p.stem.rsplit("_", 1)[1]) + 1: json.loads(p.read_text()) for p in sorted(metrics.glob("eval_iter_*.json"))}
+    """A trial's evals by step (iteration + 1: the step reported to the pruner; 0 the baseline)."""
+    return read_evals(run["dir"] / row["run_dir"])
 
 
 def se(p: float, n: float) -> float:
