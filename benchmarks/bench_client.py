@@ -7,8 +7,11 @@ JSON with httpx and parsing it ourselves, for answers the size training sees.
 No server and no network: both paths get the same recorded vLLM answer from an
 ``httpx.MockTransport``, so the numbers are the client's own CPU time in this process (CPU
 seconds: no benchmark lock needed). ``sdk`` is ``RolloutClient`` as the trainer uses it
-(``completions.create``, the answer read back through the SDK's models); ``raw`` is the floor:
-the same body posted with a bare ``httpx.AsyncClient`` and parsed by ``parse_openai``.
+(``completions.create`` with the prompt in ``extra_body``, the answer read as JSON);
+``models`` is how it called the SDK before (the prompt as the declared argument, which the SDK
+converts token by token, and the answer built into the SDK's models, then dumped); ``raw`` is
+the floor: the same body posted with a bare ``httpx.AsyncClient`` and parsed by
+``parse_openai``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def answer(prompt: list[int], n: int, tokens: int) -> bytes:
     return json.dumps(body).encode()
 
 
+class ModelsClient(RolloutClient):
+    """The client's OpenAI path before: every field the SDK declares (the prompt too) as its
+    argument, the answer parsed into the SDK's models and dumped back to a dict."""
+
+    async def _call(self, sdk, url, req):
+        extra = openai_payload(req, self.model)
+        declared = {k: extra.pop(k) for k in list(extra) if k in self._sdk_fields}
+        answer = await sdk.completions.create(**declared, extra_body=extra, extra_headers=self._sdk_headers)
+        return parse_openai(answer.model_dump(warnings=False), req, self.tokenizer)
+
+
 async def raw(requests: list[GenerationRequest], transport: httpx.MockTransport) -> None:
     async with httpx.AsyncClient(transport=transport) as http:
         async def one(req: GenerationRequest) -> None:
@@ -70,7 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     shapes = [(4, 1, 2), (300, 8, 200), (300, 8, 1000)]  # (prompt tokens, n, completion tokens)
-    print(f"{'prompt':>6} {'n':>3} {'tokens':>6} | {'sdk ms/req':>10} {'raw ms/req':>10} {'sdk/raw':>7}")
+    print(f"{'prompt':>6} {'n':>3} {'tokens':>6} | {'models ms/req':>13} {'sdk ms/req':>10} {'raw ms/req':>10} {'sdk/raw':>7}")
     for prompt_len, n, tokens in shapes:
         prompt = list(range(1000, 1000 + prompt_len))
         body = answer(prompt, n, tokens)
@@ -79,17 +93,20 @@ def main() -> None:
         )
         reqs = [GenerationRequest(prompt, n, i, SamplingParams(max_tokens=tokens)) for i in range(args.requests)]
         client = RolloutClient(["http://gpu:8000"], backend="vllm", model="m", transport=transport)
-        # One warm-up each, then the timed rounds interleaved: both paths see the same load on
+        before = ModelsClient(["http://gpu:8000"], backend="vllm", model="m", transport=transport)
+        # One warm-up each, then the timed rounds interleaved: all paths see the same load on
         # a shared machine.
         client.generate(reqs[:2])
+        before.generate(reqs[:2])
         asyncio.run(raw(reqs[:2], transport))
         ms = cpu_ms_per_request(
-            {"sdk": lambda: client.generate(reqs), "raw": lambda: asyncio.run(raw(reqs, transport))},  # noqa: B023
+            {"models": lambda: before.generate(reqs), "sdk": lambda: client.generate(reqs),  # noqa: B023
+             "raw": lambda: asyncio.run(raw(reqs, transport))},  # noqa: B023
             args.requests,
             args.repeats,
         )
         sdk_ms, raw_ms = ms["sdk"], ms["raw"]
-        print(f"{prompt_len:>6} {n:>3} {tokens:>6} | {sdk_ms:>10.2f} {raw_ms:>10.2f} {sdk_ms / raw_ms:>7.2f}")
+        print(f"{prompt_len:>6} {n:>3} {tokens:>6} | {ms['models']:>13.2f} {sdk_ms:>10.2f} {raw_ms:>10.2f} {sdk_ms / raw_ms:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from .client import (
     SamplingParams,
     ServerUnavailable,
     auth_headers,
+    ssl_context,
 )
 from .retry import RetryPolicy
 
@@ -606,7 +607,7 @@ class ManagedServer:
                 f"{self.config.startup_timeout:g}s ({last}); {self._log_tail()}"
             )
 
-        with httpx.Client(timeout=5.0, headers=auth_headers(self.config.api_key)) as http:
+        with httpx.Client(timeout=5.0, headers=auth_headers(self.config.api_key), verify=ssl_context()) as http:
             polling.call(lambda _: self._poll_health(http, pending, path), _NotHealthy, give_up)
 
     def _poll_health(self, http: httpx.Client, pending: list[str], path: str) -> None:

@@ -64,6 +64,7 @@ from .client import (
     SamplingParams,
     ServerUnavailable,
     auth_headers,
+    ssl_context,
 )
 from .launch import ManagedServer
 from .retry import RetryPolicy
@@ -155,7 +156,7 @@ def sync_weights(
         # Nothing can load weights into a process that is gone: start it on them, whatever the method.
         _warn(f"the server process exited (code {managed.exit_code}); restarting it on {model_dir}")
         chosen = "restart"
-    with httpx.Client(timeout=timeout, headers=headers, transport=transport) as http:
+    with httpx.Client(timeout=timeout, headers=headers, transport=transport, verify=ssl_context()) as http:
         if chosen == "restart":
             _restart(managed, model_dir, recover=method != "restart")
         else:
@@ -507,7 +508,7 @@ def load_adapter(server: ManagedServer, folder: str, name: str) -> None:
     """Load the adapter in ``folder`` as ``name`` on every server (no verification)."""
     cfg = server.config
     retry = RetryPolicy.from_config(cfg)
-    with httpx.Client(timeout=cfg.request_timeout, headers=auth_headers(cfg.api_key)) as http:
+    with httpx.Client(timeout=cfg.request_timeout, headers=auth_headers(cfg.api_key), verify=ssl_context()) as http:
         for url in server.urls:
             _load_one(http, url, cfg.backend, name, folder, retry)
 
@@ -530,7 +531,7 @@ def _sync_adapter(managed: ManagedServer | None, check: _Check, folder: str, tim
     method = "adapter"
     labelled: list[str] = []
     start = time.perf_counter()
-    with httpx.Client(timeout=timeout, headers=auth_headers(check.api_key), transport=check.transport) as http:
+    with httpx.Client(timeout=timeout, headers=auth_headers(check.api_key), transport=check.transport, verify=ssl_context()) as http:
         if ours and managed.exit_code is not None:
             _warn(f"the server process exited (code {managed.exit_code}); restarting it")
             method = "restart"
