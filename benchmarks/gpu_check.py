@@ -77,7 +77,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 def run_tests(dry_run: bool) -> dict:
     """The GPU-marked tests (skipped, not failed, without CUDA)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests")]
+    # Serially, without the project's addopts: one GPU, and the device machine's Python may not
+    # have pytest-xdist (the suite's -n auto would be an unknown option there).
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=--strict-markers", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           "-rA", str(ROOT / "tests")]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
