@@ -78,7 +78,7 @@ def peak_flops(device: torch.device) -> float | None:
 def run_tests(dry_run: bool) -> dict:
     """The GPU-marked tests (skipped, not failed, without CUDA)."""
     # Serially, without the project's addopts: one GPU, and the device machine's Python may not
-    # have pytest-xdist (the suite's -n auto would be an unknown option there).
+    # have pytest-xdist (the suite's -n would be an unknown option there).
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=--strict-markers", "-m", "gpu", "-q", "-p", "no:cacheprovider",
            "-rA", str(ROOT / "tests")]
     print("$", " ".join(cmd), flush=True)
