@@ -79,6 +79,8 @@ __all__ = [
     "finalize_stats",
     "grpo_loss",
     "kl_estimate",
+    "loglinear_proximal",
+    "proximal_alpha",
 ]
 
 
@@ -214,6 +216,45 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -
         # expm1 keeps precision when the policies are close (d ~ 0), the usual case.
         return torch.expm1(d) - d
     raise ValueError(f"unknown kl_estimator {estimator!r}")
+
+
+def proximal_alpha(steps_behind: Tensor, step: int) -> Tensor:
+    """Per-sequence interpolation weight of :func:`loglinear_proximal`.
+
+    Versions count optimizer steps. For a sequence whose behaviour policy is ``steps_behind``
+    steps older than the policy at the start of the iteration (the proximal one), trained at
+    optimizer step ``step`` of the iteration (0 = the first),
+    ``alpha = (v_prox - v_behave) / (v_theta - v_behave) = steps_behind / (steps_behind + step)``.
+    At the first step it is 1 for every sequence: the current policy *is* the proximal one. A
+    sequence sampled by the iteration's own policy (``steps_behind = 0``) gets 0 after that:
+    its behaviour log-probabilities are the proximal policy's, up to the server's numerics.
+    """
+    behind = steps_behind.to(torch.float64)
+    if step == 0:
+        return torch.ones_like(behind)
+    return behind / (behind + step)
+
+
+def loglinear_proximal(logp: Tensor, behaviour_logp: Tensor, mask: Tensor, alpha: Tensor) -> Tensor:
+    """The proximal policy's log-probabilities without a forward pass (AReaL's ``loglinear``
+    ``prox_logp_method``): ``log pi_prox = log pi_behave + alpha (log pi_theta - log pi_behave)``
+    per token, with ``alpha`` per sequence from :func:`proximal_alpha`. No gradient; zeros
+    outside ``mask``.
+
+    Decoupled PPO clips against the policy at the start of the iteration; computing it exactly
+    costs one forward pass over the iteration's rollouts. This interpolates it between the two
+    policies at hand, by how far each one is from it in optimizer steps: exact at the first
+    step of an iteration, the server's log-probabilities for sequences of the iteration's own
+    policy, an approximation in between (the policy is assumed to move evenly in log space
+    from one optimizer step to the next).
+    """
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    mb = mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    behaviour = torch.where(mb, behaviour_logp.detach().to(dtype), zero)
+    current = torch.where(mb, logp.detach().to(dtype), zero)
+    a = alpha.to(dtype).to(logp.device, non_blocking=True)[:, None]
+    return torch.where(mb, behaviour + a * (current - behaviour), zero)
 
 
 def aggregation_weights(

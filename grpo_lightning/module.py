@@ -23,7 +23,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from . import sharding
 from .logprobs import sequence_token_logprobs, shared_prompt_token_logprobs
 from .lora import LoraArgs, adapters_off, apply_lora, check_args, frozen_keys
-from .loss import LossConfig, Normalizer, Stat, combine_stats, finalize_stats, grpo_loss
+from .loss import (
+    LossConfig,
+    Normalizer,
+    Stat,
+    combine_stats,
+    finalize_stats,
+    grpo_loss,
+    loglinear_proximal,
+    proximal_alpha,
+)
 from .models import load_policy, load_tokenizer
 
 STALE_TIS_CAP = 2.0
@@ -74,6 +83,7 @@ class GRPOModule(pl.LightningModule):
         temperature: float = 1.0,
         max_completion_length: int = 512,
         max_staleness: int = 0,
+        proximal_logprobs: Literal["recompute", "loglinear"] = "recompute",
         lora: LoraArgs = LoraArgs(),
     ) -> None:
         """
@@ -146,6 +156,22 @@ class GRPOModule(pl.LightningModule):
             max_completion_length: linked from ``data.max_tokens`` (Dr. GRPO's normaliser).
             max_staleness: linked from ``data.max_staleness``: with k >= 1, ``tis_cap``
                 defaults to ``STALE_TIS_CAP``.
+            proximal_logprobs: how the log-probabilities of the policy at the start of the
+                iteration are found (the clip's centre and the TIS weight's numerator,
+                whenever ``tis_cap`` is in effect and an iteration takes more than one
+                optimizer step). ``recompute``: exactly, by one forward pass over the
+                iteration's rollouts before its first step. ``loglinear``: with no forward
+                pass, interpolated per token between the server's sampling log-probabilities
+                and the current policy's, by how many optimizer steps each is from the start of
+                the iteration (``loss.loglinear_proximal``). It is AReaL's ``loglinear``
+                ``prox_logp_method`` (whose decoupled objective is Fu et al. 2025, "AReaL: a
+                large-scale asynchronous reinforcement learning system for language
+                reasoning"), aimed here at ``recompute``'s proximal policy, the start of the
+                iteration, where AReaL's is one optimizer step behind the current policy.
+                Exact at an iteration's first step. After it, rollouts of the
+                iteration's own policy get the server's log-probabilities, so their TIS weight
+                is 1 and no longer corrects the server/trainer mismatch: it needs
+                ``max_staleness >= 1``, whose stale rollouts are what it is for.
             lora: train low-rank adapters instead of every weight (see ``lora.LoraArgs``).
         """
         super().__init__()
@@ -204,11 +230,17 @@ class GRPOModule(pl.LightningModule):
             "max_consecutive_nonfinite": h.max_consecutive_nonfinite >= 1,
             "temperature": 0 < h.temperature < math.inf,
             "max_completion_length": h.max_completion_length >= 1,
+            "proximal_logprobs": h.proximal_logprobs in ("recompute", "loglinear"),
         }
         if h.share_prompts and h.gradient_checkpointing:
             raise ValueError(
                 "model.share_prompts=true needs the key/value cache that model.gradient_checkpointing=true "
                 "drops: set model.share_prompts false to use gradient checkpointing"
+            )
+        if h.proximal_logprobs == "loglinear" and h.max_staleness == 0:
+            raise ValueError(
+                "model.proximal_logprobs=loglinear interpolates the policy of stale rollouts, but data.max_staleness "
+                "is 0: every rollout is the iteration's own, so the TIS weight would always be 1; use recompute"
             )
         if self.lora.enabled:
             check_args(self.lora)
@@ -343,7 +375,8 @@ class GRPOModule(pl.LightningModule):
         need_ref = self.has_reference
         # With a single optimizer step per iteration the old policy is the current one:
         # training_step uses its own detached log-probabilities, no extra forward pass.
-        need_old = self.loss_config.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
+        need_old = (self.loss_config.tis_cap is not None and h.num_iterations * h.steps_per_iteration > 1
+                    and h.proximal_logprobs == "recompute")
         if not (need_ref or need_old):
             return
         micro = self.trainer.train_dataloader.dataset
@@ -399,6 +432,29 @@ class GRPOModule(pl.LightningModule):
         # Row-major, like the concatenation: each row's loss tokens in order.
         return torch.zeros(logp.shape, dtype=torch.float32, device=logp.device).masked_scatter_(batch["loss_mask"].bool(), values)
 
+    def _old_logprobs(self, batch: dict[str, Any], logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, Stat]]:
+        """The start-of-iteration policy's log-probabilities for the micro-batch: precomputed,
+        or (``proximal_logprobs: loglinear``) interpolated from the rollouts' versions. With
+        ``max_staleness >= 1`` and ``recompute`` the interpolation is computed too, and its
+        error against the exact values logged (``proximal/loglinear_abs_error``), so that a run
+        shows what switching to ``loglinear`` would change."""
+        h = self.hparams
+        approx = None
+        if h.max_staleness >= 1:
+            steps = h.num_iterations * h.steps_per_iteration
+            # Policy versions count iterations; the interpolation counts optimizer steps.
+            behind = [(self.trainer.current_epoch - v) * steps for v in batch["policy_versions"]] or [0] * logp.shape[0]
+            alpha = proximal_alpha(torch.tensor(behind), batch["step"])
+            approx = loglinear_proximal(logp, batch["behaviour_logprobs"], batch["loss_mask"], alpha)
+        if h.proximal_logprobs == "loglinear":
+            assert approx is not None  # _validate: loglinear needs max_staleness >= 1
+            return approx, {}
+        exact = self._fixed_logprobs(batch, "old_logprobs", logp)
+        if approx is None:
+            return exact, {}
+        m = batch["loss_mask"].to(exact.dtype)
+        return exact, {"proximal/loglinear_abs_error": Stat(((approx - exact).abs() * m).sum(), m.sum(), "mean")}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.policy is not None
         opt = self.optimizers()
@@ -406,6 +462,7 @@ class GRPOModule(pl.LightningModule):
         logp, entropy = self.logprobs(self.policy, batch, with_entropy=True)
         if entropy is not None and self.hparams.entropy_coef == 0:
             entropy = entropy.detach()
+        old_logp, prox_stats = self._old_logprobs(batch, logp) if self.loss_config.tis_cap is not None else (None, {})
         out = grpo_loss(
             logp,
             batch["behaviour_logprobs"],
@@ -413,7 +470,7 @@ class GRPOModule(pl.LightningModule):
             mask,
             self.loss_config,
             Normalizer(**batch["normalizer"]),
-            old_logp=self._fixed_logprobs(batch, "old_logprobs", logp) if self.loss_config.tis_cap is not None else None,
+            old_logp=old_logp,
             ref_logp=self._fixed_logprobs(batch, "ref_logprobs", logp) if self.has_reference else None,
             entropy=entropy,
         )
@@ -421,7 +478,8 @@ class GRPOModule(pl.LightningModule):
         # Backward even a non-finite loss: under DDP every rank must join every gradient
         # all-reduce or the ranks deadlock. The step is skipped below, its gradients discarded.
         self.manual_backward(loss)
-        self._stats = combine_stats([self._stats, {k: Stat(v.value.detach(), v.count.detach(), v.reduce) for k, v in out.stats.items()}])
+        self._stats = combine_stats([self._stats, {k: Stat(v.value.detach(), v.count.detach(), v.reduce) for k, v in out.stats.items()},
+                                     prox_stats])
         # Summed on the device: the host reads it once per step, and a non-finite micro-batch
         # loss makes the sum non-finite, which is how the step learns to skip itself.
         self._step_loss = self._step_loss + loss.detach()

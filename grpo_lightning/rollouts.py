@@ -273,6 +273,8 @@ class MicroBatch:
     """Run the optimizer step after this micro-batch."""
     normalizer: Normalizer
     pass_index: int = 0
+    step: int = 0
+    """The optimizer step of the iteration it belongs to (0 = the first, over all passes)."""
 
 
 def build_schedule(
@@ -307,7 +309,7 @@ def build_schedule(
     for p in range(num_iterations):
         order = torch.randperm(len(units), generator=torch.Generator().manual_seed(sampling_seed(seed, p))).tolist()
         chunks = [sorted(order[k::steps_per_iteration]) for k in range(steps_per_iteration)]
-        for step_units in chunks:
+        for c, step_units in enumerate(chunks):
             step_indices = [i for u in step_units for i in units[u]]
             norm = Normalizer(
                 # Every completion counts, masked or empty ones too (TRL's grpo/dr_grpo).
@@ -337,7 +339,8 @@ def build_schedule(
                 world_size=world_size,
             )
             for k, mb in enumerate(mine):
-                schedule.append(MicroBatch(indices=mb, step_end=k == len(mine) - 1, normalizer=local, pass_index=p))
+                schedule.append(MicroBatch(indices=mb, step_end=k == len(mine) - 1, normalizer=local, pass_index=p,
+                                       step=p * steps_per_iteration + c))
     return schedule
 
 
@@ -368,6 +371,8 @@ class MicroBatchDataset(Dataset):
         batch: dict[str, Any] = self.collate(items, self.pad_id)
         batch["step_end"] = mb.step_end
         batch["rollout_indices"] = list(mb.indices)
+        batch["policy_versions"] = [self.rollouts.rollouts[i].policy_version for i in mb.indices]
+        batch["step"] = mb.step
         # A plain dict: Lightning's device transfer refuses frozen dataclasses.
         batch["normalizer"] = asdict(mb.normalizer)
         return batch

@@ -25,7 +25,7 @@ from grpo_lightning.inference.client import SamplingParams, ServerUnavailable
 from grpo_lightning.inference.launch import ManagedServer, ServerConfig
 from grpo_lightning.inference.service import RolloutRecipe, RolloutService
 from grpo_lightning.inference.weight_sync import SyncReport
-from grpo_lightning.module import STALE_TIS_CAP
+from grpo_lightning.module import STALE_TIS_CAP, GRPOModule
 from grpo_lightning.rollouts import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +174,17 @@ def test_stale_rollouts_are_clipped_against_the_trainers_own_logprobs(args: list
     assert cli.model.loss_config.tis_cap == cap
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.proximal_logprobs", "loglinear"], "model.proximal_logprobs=loglinear"),  # k = 0
+    (["--model.proximal_logprobs", "exact", "--data.max_staleness", "1"], "model.proximal_logprobs"),
+])
+def test_bad_proximal_logprobs_is_one_line_naming_the_key(args: list[str], message: str, capsys, tmp_path: Path) -> None:
+    assert main(["fit", "--config", CONFIG, "--trainer.logger.init_args.save_dir", str(tmp_path), *args]) != 0
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert message in line and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------- end to end
 
 # The fault suite's small iteration (4 problems x 4, 6 eval problems, eval every iteration,
@@ -243,6 +254,40 @@ def test_every_tensorboard_scalar_is_in_a_group(runs: dict[str, Path]) -> None:
                 "time/wait_rollouts_s", "time/server_idle_s"):
         assert tag in tags, tag
     assert [e.value for e in acc.Scalars("rollout/policy_version")] == [0, 0, 1]
+
+
+@pytest.mark.slow
+def test_loglinear_proximal_logprobs_need_no_forward_pass(monkeypatch, tmp_path: Path) -> None:
+    """``proximal_logprobs: loglinear`` trains on the same rollouts without the
+    start-of-iteration forward pass that ``recompute`` runs over them."""
+    forwards: list[bool] = []
+    logprobs = GRPOModule.logprobs
+
+    def counted(self, model, batch, with_entropy: bool):
+        forwards.append(with_entropy)  # training's forward asks for the entropy, the precompute's does not
+        return logprobs(self, model, batch, with_entropy)
+
+    monkeypatch.setattr(GRPOModule, "logprobs", counted)
+    counts, runs = {}, {}
+    for method in ("recompute", "loglinear"):
+        forwards.clear()
+        runs[method] = fit(tmp_path, method, "--data.max_staleness", "1", "--data.eval.num_problems", "0",
+                           "--trainer.max_epochs", "2", "--model.proximal_logprobs", method)
+        counts[method] = (forwards.count(True), forwards.count(False))
+    # 2 iterations x 2 micro-batches (16 rollouts, 2 steps of 8); recompute's 2 more per iteration.
+    assert counts == {"recompute": (4, 4), "loglinear": (4, 0)}
+    errors = []
+    for i in range(2):  # both iterations sampled by version 0: the same rollouts
+        a, b = (load(runs[m] / "metrics" / f"train_iter_{i:03d}.json") for m in ("recompute", "loglinear"))
+        assert rollout_part(a) == rollout_part(b) and b["rollout/staleness_max"] == i
+        assert 0 < b["train/tis/weight_mean"] <= 2.0
+        assert "train/proximal/loglinear_abs_error" not in b
+        errors.append(a["train/proximal/loglinear_abs_error"])
+    # recompute logs how far the interpolation is from the exact values. Iteration 0 trains
+    # on its own policy's rollouts: the current policy at step 0 and the server's numbers at
+    # step 1 are the exact ones up to float noise. Iteration 1's rollouts are a version old:
+    # at its second step the interpolation is an estimate.
+    assert errors[0] < 1e-4 < errors[1]
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from grpo_lightning.loss import (
     finalize_stats,
     grpo_loss,
     kl_estimate,
+    loglinear_proximal,
+    proximal_alpha,
 )
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -238,6 +240,41 @@ def test_truncated_importance_sampling() -> None:
     assert no_tis.loss.item() == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         grpo_loss(logp, behaviour, adv, mask, LossConfig(tis_cap=2.0), norm)
+
+
+def test_proximal_alpha_counts_optimizer_steps() -> None:
+    """alpha = (v_prox - v_behave) / (v_theta - v_behave), versions in optimizer steps.
+
+    Rollouts 32 steps old (one iteration of 4 passes x 8 steps at max_staleness 1) and of the
+    iteration's own policy (0 steps): at step 0 every alpha is 1 (current = proximal); at step
+    8, 32 / 40 = 0.8 and 0; at step 31, 32 / 63; 64 steps behind at step 16: 64 / 80 = 0.8.
+    """
+    behind = torch.tensor([32, 0, 64])
+    assert proximal_alpha(behind, 0).tolist() == [1.0, 1.0, 1.0]
+    assert proximal_alpha(behind, 8).tolist() == pytest.approx([0.8, 0.0, 64 / 72])
+    assert proximal_alpha(behind, 31).tolist() == pytest.approx([32 / 63, 0.0, 64 / 95])
+    assert proximal_alpha(behind, 16).tolist() == pytest.approx([2 / 3, 0.0, 0.8])
+
+
+def test_loglinear_proximal_hand_computed() -> None:
+    """log pi_prox = behave + alpha (current - behave), no gradient, zeros outside the mask.
+
+    Row 0: behave -2, current -1, alpha 0.25 -> -1.75; row 1: behave -3 (-inf at the masked
+    position: must not turn into nan), current -2, alpha 0 -> -3 (the behaviour policy).
+    Against it the TIS weight of row 0 is exp(0.25) (capped at 2 unchanged) and the ratio
+    exp(-1 + 1.75) = exp(0.75), clipped to 1.28 for A = +1: loss -1.28 * exp(0.25) per token.
+    """
+    behaviour = torch.tensor([[-2.0, -2.0], [-3.0, -math.inf]], dtype=torch.float64)
+    logp = torch.tensor([[-1.0, -1.0], [-2.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    prox = loglinear_proximal(logp, behaviour, mask, torch.tensor([0.25, 0.0]))
+    assert not prox.requires_grad
+    assert prox.tolist() == [[-1.75, -1.75], [-3.0, 0.0]]
+    adv = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    norm = Normalizer.from_mask(mask)
+    out = grpo_loss(logp, behaviour, adv, mask, LossConfig(tis_cap=2.0), norm, old_logp=prox)
+    assert out.loss.item() == pytest.approx(2 * -1.28 * math.exp(0.25) / 3)
+    assert finalize_stats(out.stats)["tis/weight_mean"] == pytest.approx((2 * math.exp(0.25) + 1) / 3)
 
 
 def _random_step_batch(seed: int = 0):

@@ -91,6 +91,12 @@ def test_schedule_covers_every_rollout_once_per_pass(share: bool, steps: int, mu
         seen = [i for mb in schedule if mb.pass_index == p for i in mb.indices]
         assert sorted(seen) == list(range(len(ds)))
     assert sum(mb.step_end for mb in schedule) == mu * steps
+    # Each micro-batch knows its optimizer step of the iteration (the proximal interpolation
+    # counts them): 0, 1, ... over all passes, a step's micro-batches ending at its step_end.
+    step = 0
+    for mb in schedule:
+        assert mb.step == step and mb.pass_index == step // steps
+        step += mb.step_end
     for mb in schedule:
         # The normaliser counts the whole step, whatever micro-batch this is.
         assert mb.normalizer.num_tokens_global == mb.normalizer.num_tokens_local
@@ -98,8 +104,13 @@ def test_schedule_covers_every_rollout_once_per_pass(share: bool, steps: int, mu
         for mb in schedule:  # groups stay whole, so each prompt runs once per micro-batch
             seeds = {ds.rollouts[i].problem_seed for i in mb.indices}
             assert sum(1 for r in ds.rollouts if r.problem_seed in seeds) == len(mb.indices)
+    for r in ds.rollouts:
+        r.policy_version = r.problem_seed % 3
     micro = MicroBatchDataset(ds, schedule, pad_id=0, share_prompts=share)
     assert ("prompt_ids" in micro[0]) == share
+    for k, mb in enumerate(schedule):
+        assert micro[k]["step"] == mb.step
+        assert micro[k]["policy_versions"] == [ds.rollouts[i].problem_seed % 3 for i in mb.indices]
 
 
 def test_schedule_shards_evenly_over_ranks() -> None:
