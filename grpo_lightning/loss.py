@@ -80,6 +80,7 @@ __all__ = [
     "grpo_loss",
     "kl_estimate",
     "loglinear_proximal",
+    "mean_stat",
     "proximal_alpha",
 ]
 
@@ -277,7 +278,8 @@ def aggregation_weights(
     raise ValueError(f"unknown loss_type {cfg.loss_type!r}")
 
 
-def _mean_stat(x: Tensor, m: Tensor) -> Stat:
+def mean_stat(x: Tensor, m: Tensor) -> Stat:
+    """The mean of ``x`` over the tokens where ``m`` is 1, as a combinable ``Stat``."""
     return Stat((x * m).sum(), m.sum(), "mean")
 
 
@@ -411,23 +413,23 @@ def grpo_loss(
             "loss/policy": Stat(policy_part.detach(), n_tok, "sum"),
             "loss/kl": Stat(kl_part.detach(), n_tok, "sum"),
             "loss/entropy": Stat(ent_part.detach(), n_tok, "sum"),
-            "ratio/mean": _mean_stat(r, m),
+            "ratio/mean": mean_stat(r, m),
             "ratio/min": _extreme_stat(r, mb, "min"),
             "ratio/max": _extreme_stat(r, mb, "max"),
-            "clip/low_frac": _mean_stat(low, m),
-            "clip/high_frac": _mean_stat(high, m),
-            "clip/frac": _mean_stat(low + high, m),
-            "mismatch/abs_mean": _mean_stat(mismatch, m),
+            "clip/low_frac": mean_stat(low, m),
+            "clip/high_frac": mean_stat(high, m),
+            "clip/frac": mean_stat(low + high, m),
+            "mismatch/abs_mean": mean_stat(mismatch, m),
             "mismatch/abs_max": _extreme_stat(mismatch, mb, "max"),
             "tokens": Stat(n_tok, n_tok, "sum"),
         }
         if kl is not None:
-            stats["kl/mean"] = _mean_stat(kl.detach(), m)
+            stats["kl/mean"] = mean_stat(kl.detach(), m)
         if entropy is not None:
-            stats["entropy/mean"] = _mean_stat(entropy.detach(), m)
+            stats["entropy/mean"] = mean_stat(entropy.detach(), m)
         if tis_w is not None and tis_raw is not None:
-            stats["tis/weight_mean"] = _mean_stat(tis_w, m)
-            stats["tis/truncated_frac"] = _mean_stat((tis_raw > cfg.tis_cap).to(dtype), m)
+            stats["tis/weight_mean"] = mean_stat(tis_w, m)
+            stats["tis/truncated_frac"] = mean_stat((tis_raw > cfg.tis_cap).to(dtype), m)
     return LossOutput(loss=loss, stats=stats)
 
 

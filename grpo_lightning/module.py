@@ -31,6 +31,7 @@ from .loss import (
     finalize_stats,
     grpo_loss,
     loglinear_proximal,
+    mean_stat,
     proximal_alpha,
 )
 from .models import load_policy, load_tokenizer
@@ -452,8 +453,7 @@ class GRPOModule(pl.LightningModule):
         exact = self._fixed_logprobs(batch, "old_logprobs", logp)
         if approx is None:
             return exact, {}
-        m = batch["loss_mask"].to(exact.dtype)
-        return exact, {"proximal/loglinear_abs_error": Stat(((approx - exact).abs() * m).sum(), m.sum(), "mean")}
+        return exact, {"proximal/loglinear_abs_error": mean_stat((approx - exact).abs(), batch["loss_mask"].to(exact.dtype))}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         assert self.policy is not None
